@@ -1,0 +1,151 @@
+"""DDPM training objective with learned variance (improved-DDPM hybrid loss, as PixArt trains).
+
+The β / ᾱ tables come from diffusers' ``DDPMScheduler``; only the posterior and the two
+log-likelihood terms of the VLB (which no library ships) are written here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, *, means, log_scales) -> torch.Tensor:
+    """log p(x) for x in [-1, 1] discretised into 256 bins (the t = 0 decoder term), in nats."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+class GaussianDiffusion(nn.Module):
+    """Noise-schedule tables as (non-persistent) buffers, so they follow the module's device."""
+
+    def __init__(
+        self,
+        *,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ):
+        super().__init__()
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+        )
+        self.num_timesteps = num_train_timesteps
+        betas = self.scheduler.betas.double()
+        alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        tables = {
+            "log_betas": torch.log(betas),
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            # the posterior variance is 0 at t = 0: clip its log to the t = 1 value (as improved DDPM)
+            "posterior_log_variance_clipped": torch.log(
+                torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+            ),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
+            * (1.0 - betas).sqrt()
+            / (1.0 - alphas_cumprod),
+        }
+        for name, value in tables.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    @staticmethod
+    def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return table[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def sample_timesteps(
+        self, batch: int, *, device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+
+    def add_noise(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
+
+    def training_losses(
+        self,
+        model_output: torch.Tensor,
+        *,
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample ``loss = mse(ε) + vb`` ([B] each); ``model_output`` is ε ⊕ v with 2C channels.
+
+        The VLB term sees ε detached (stop-gradient), so it trains only the variance channels and
+        the MSE alone trains the mean, exactly as in improved DDPM's hybrid objective.
+        """
+        channels = x_t.shape[1]
+        if model_output.shape[1] != 2 * channels:
+            raise ValueError(
+                f"model output has {model_output.shape[1]} channels; learned sigma needs {2 * channels}"
+            )
+        eps, var_values = model_output.float().split(channels, dim=1)
+        x_start, x_t, noise = x_start.float(), x_t.float(), noise.float()
+        mse = _mean_flat((noise - eps) ** 2)
+
+        # model's log-variance interpolates between the posterior's clipped variance and β_t
+        min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
+        max_log = self._at(self.log_betas, t, x_t)
+        frac = (var_values + 1) / 2
+        model_log_variance = frac * max_log + (1 - frac) * min_log
+        pred_xstart = (
+            self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps.detach()
+        )
+        coef1 = self._at(self.posterior_mean_coef1, t, x_t)
+        coef2 = self._at(self.posterior_mean_coef2, t, x_t)
+        model_mean = coef1 * pred_xstart + coef2 * x_t
+        true_mean = coef1 * x_start + coef2 * x_t
+        true_log_variance = min_log
+
+        kl = _mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(
+            2.0
+        )
+        nll = -_mean_flat(
+            discretized_gaussian_log_likelihood(
+                x_start, means=model_mean, log_scales=0.5 * model_log_variance
+            )
+        ) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}

@@ -1,0 +1,157 @@
+"""Multimodal encoder: an instruction with ``<imagehere>`` placeholders → T5 condition vectors.
+
+Per reference image: frozen BLIP-2 ViT → Q-Former with learned queries → fusion with the image's
+VAE patch tokens → projection to T5's width. The instruction's text segments are embedded with
+T5's own input embeddings, each placeholder is replaced by its image's tokens (in order), EOS ends
+the sequence and T5's encoder runs on the interleaved embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Blip2QFormerModel, Blip2VisionModel, PreTrainedTokenizerBase, T5EncoderModel
+
+from mige_lightning.models.fusion import FeatureFusion
+from mige_lightning.prompt import split_placeholders
+
+
+@dataclass
+class Interleaved:
+    embeds: torch.Tensor  # [B, T, D] T5 input embeddings, zero padding
+    mask: torch.Tensor  # [B, T] 1 = real token
+    image_starts: list[list[int]]  # per sample, where each image's Q tokens start
+
+
+class MultimodalEncoder(nn.Module):
+    def __init__(
+        self,
+        *,
+        vision: Blip2VisionModel,
+        qformer: Blip2QFormerModel,
+        query_tokens: torch.Tensor,
+        fusion: FeatureFusion,
+        projection: nn.Linear,
+        t5: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+    ):
+        super().__init__()
+        self.vision = vision.requires_grad_(False).eval()  # frozen (paper §3.3)
+        self.qformer = qformer
+        self.query_tokens = nn.Parameter(query_tokens.detach().clone())  # [1, Q, Dq]
+        self.fusion = fusion
+        self.projection = projection
+        self.t5 = t5
+        self.tokenizer = tokenizer  # not a module: no parameters, not sharded
+        self.max_length = max_length
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # frozen ViT stays in eval mode (no dropout / stochastic depth)
+        return self
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def image_tokens(self, pixels: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """pixels: [N, 3, Hv, Wv] ViT-normalised; visual_tokens: [N, L, Dv] → [N, Q, D_t5]."""
+        with torch.no_grad():
+            features = self.vision(pixel_values=pixels).last_hidden_state  # [N, P, Dvit]
+        queries = self.query_tokens.expand(pixels.shape[0], -1, -1)  # [N, Q, Dq]
+        semantic = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
+        fused = self.fusion(semantic, visual_tokens)  # [N, Q, Dq]
+        return self.projection(fused)  # [N, Q, D_t5]
+
+    def interleave(self, prompts: list[str], image_tokens: torch.Tensor, counts: list[int]) -> Interleaved:
+        """Text embeddings with each placeholder replaced by its image's tokens, then EOS.
+
+        ``image_tokens`` holds the real images of all samples in order ([N, Q, D], N = sum(counts)).
+        Over-long text is cut from the end; image tokens and EOS are never cut.
+        """
+        if len(prompts) != len(counts):
+            raise ValueError(f"{len(prompts)} prompts but {len(counts)} image counts")
+        segments = [split_placeholders(p) for p in prompts]
+        for i, (prompt, segs, count) in enumerate(zip(prompts, segments, counts, strict=True)):
+            if len(segs) - 1 != count:
+                raise ValueError(
+                    f"sample {i}: {len(segs) - 1} <imagehere> placeholder(s) but {count} image(s): {prompt!r}"
+                )
+        flat = [s for segs in segments for s in segs]
+        ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        q = self.num_query_tokens
+        per_sample: list[list[list[int]]] = []
+        cursor = 0
+        for i, segs in enumerate(segments):
+            seg_ids = [list(x) for x in ids[cursor : cursor + len(segs)]]
+            cursor += len(segs)
+            budget = self.max_length - 1 - q * counts[i]
+            if budget < 0:
+                raise ValueError(
+                    f"sample {i}: {counts[i]} images × {q} tokens + EOS exceed max_length={self.max_length}"
+                )
+            excess = sum(map(len, seg_ids)) - budget
+            for seg in reversed(seg_ids):  # cut trailing text first
+                if excess <= 0:
+                    break
+                cut = min(excess, len(seg))
+                del seg[len(seg) - cut :]
+                excess -= cut
+            per_sample.append(seg_ids)
+
+        table = self.t5.get_input_embeddings()
+        eos_id = self.tokenizer.eos_token_id
+        device = table.weight.device
+        lengths = [len(seg) for segs in per_sample for seg in segs]
+        all_ids = [t for segs in per_sample for seg in segs for t in seg] + [eos_id]
+        text = table(torch.tensor(all_ids, dtype=torch.long, device=device))  # [sum + 1, D]
+        eos, text = text[-1:], text[:-1]
+        text_pieces = list(torch.split(text, lengths))
+        image_tokens = image_tokens.to(text.dtype)
+
+        rows, starts = [], []
+        piece, image = 0, 0
+        for segs in per_sample:
+            parts, sample_starts, pos = [], [], 0
+            for j in range(len(segs)):
+                if j > 0:  # placeholder j-1 sits before segment j
+                    sample_starts.append(pos)
+                    parts.append(image_tokens[image])
+                    image += 1
+                    pos += q
+                parts.append(text_pieces[piece])
+                pos += text_pieces[piece].shape[0]
+                piece += 1
+            parts.append(eos)
+            rows.append(torch.cat(parts))
+            starts.append(sample_starts)
+        width = max(r.shape[0] for r in rows)
+        embeds = text.new_zeros(len(rows), width, text.shape[-1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            embeds[b, : row.shape[0]] = row
+            mask[b, : row.shape[0]] = 1
+        return Interleaved(embeds, mask, starts)
+
+    def forward(
+        self,
+        prompts: list[str],
+        *,
+        pixels: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        counts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (B), real images only (pixels [N, 3, Hv, Wv], visual_tokens [N, L, Dv]),
+        counts[b] = images of sample b → hidden states [B, T, D_t5] and mask [B, T]."""
+        if pixels.shape[0] != sum(counts):
+            raise ValueError(f"{pixels.shape[0]} images given but counts add up to {sum(counts)}")
+        if pixels.shape[0] > 0:
+            tokens = self.image_tokens(pixels, visual_tokens)
+        else:  # no image in the whole batch: skip the ViT / Q-Former entirely
+            tokens = self.projection.weight.new_zeros(0, self.num_query_tokens, self.projection.out_features)
+        inputs = self.interleave(prompts, tokens, counts)
+        hidden = self.t5(inputs_embeds=inputs.embeds, attention_mask=inputs.mask).last_hidden_state
+        return hidden, inputs.mask

@@ -1,0 +1,41 @@
+"""Feature fusion (paper §3.2.1): semantic Q-Former tokens attend to VAE patch tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FeatureFusion(nn.Module):
+    """``out = LN(f_s + W_o · MHA(LN(W_q f_s), LN(MLP_k f_v), LN(MLP_v f_v)))``.
+
+    ``W_o`` is zero-initialised, so at initialisation the module is ``LN(f_s)``: fusion starts as
+    the identity (up to its LayerNorm) and the pretrained Q-Former semantics pass through unchanged
+    until training learns to mix in visual detail.
+    """
+
+    def __init__(self, semantic_dim: int, visual_dim: int, *, num_heads: int = 8, eps: float = 1e-6):
+        super().__init__()
+        self.q_proj = nn.Linear(semantic_dim, semantic_dim)
+        self.k_mlp = self._mlp(visual_dim, semantic_dim)
+        self.v_mlp = self._mlp(visual_dim, semantic_dim)
+        self.q_norm = nn.LayerNorm(semantic_dim, eps=eps)
+        self.k_norm = nn.LayerNorm(semantic_dim, eps=eps)
+        self.v_norm = nn.LayerNorm(semantic_dim, eps=eps)
+        self.attn = nn.MultiheadAttention(semantic_dim, num_heads, batch_first=True)
+        self.out_proj = nn.Linear(semantic_dim, semantic_dim)
+        self.out_norm = nn.LayerNorm(semantic_dim, eps=eps)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    @staticmethod
+    def _mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, semantic: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """semantic: [N, Q, Ds] Q-Former tokens; visual: [N, L, Dv] patch tokens → [N, Q, Ds]."""
+        q = self.q_norm(self.q_proj(semantic))  # [N, Q, Ds]
+        k = self.k_norm(self.k_mlp(visual))  # [N, L, Ds]
+        v = self.v_norm(self.v_mlp(visual))  # [N, L, Ds]
+        attended, _ = self.attn(q, k, v, need_weights=False)  # [N, Q, Ds]
+        return self.out_norm(semantic + self.out_proj(attended))

@@ -1,0 +1,208 @@
+"""MIGE as one plain ``nn.Module``: multimodal encoder + conditional DiT + frozen autoencoder.
+
+``build_mige`` turns a ``MIGEConfig`` into the model, deriving every cross-component dimension.
+The module knows nothing of Lightning, losses or data files; guidance belongs to the sampler.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import PixArtTransformer2DModel
+from torch import nn
+from transformers import (
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    T5Config,
+    T5EncoderModel,
+)
+
+from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder, build_autoencoder
+from mige_lightning.models.dit import build_dit, patch_tokens
+from mige_lightning.models.encoder import MultimodalEncoder
+from mige_lightning.models.fusion import FeatureFusion
+from mige_lightning.models.loading import (
+    BYTE_TOKENIZER,
+    load_blip2_parts,
+    load_tensor_file,
+    load_tokenizer,
+    resolve_source,
+)
+from mige_lightning.models.presets import MIGEConfig
+
+
+class MIGE(nn.Module):
+    def __init__(
+        self,
+        *,
+        encoder: MultimodalEncoder,
+        dit: PixArtTransformer2DModel,
+        autoencoder: KLAutoencoder | PixelAutoencoder,
+        null_condition: torch.Tensor,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.dit = dit
+        self.autoencoder = autoencoder
+        # PixArt's fixed null caption (y_embedding): replaces the encoder *output* when the
+        # condition is dropped, which is what classifier-free guidance samples against.
+        self.register_buffer("null_condition", null_condition.detach().clone())  # [L, D]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
+
+    def encode_condition(
+        self,
+        prompts: list[str],
+        *,
+        ref_pixels: torch.Tensor,
+        ref_latents: torch.Tensor,
+        ref_mask: torch.Tensor,
+        drop: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition vectors for a batch.
+
+        ref_pixels: [B, M, 3, Hv, Wv] ViT inputs; ref_mask: [B, M] bool, True for real images (M is
+        the batch's largest count; padding never reaches a network); ref_latents: [N, C, h, w] the
+        real images' latents in ``ref_mask`` order (N = ref_mask.sum(), see ``encode_references``).
+        drop: [B] bool, samples whose condition is the null embedding (their images are not encoded).
+        Returns cond [B, T, D] and mask [B, T].
+        """
+        batch = len(prompts)
+        keep = torch.ones(batch, dtype=torch.bool, device=ref_mask.device) if drop is None else ~drop
+        kept = keep.nonzero().flatten().tolist()
+        null_len, width = self.null_condition.shape
+        if not kept:
+            cond = self.null_condition.expand(batch, -1, -1)
+            return cond, torch.ones(batch, null_len, dtype=torch.long, device=cond.device)
+        if ref_latents.shape[0] != int(ref_mask.sum()):
+            raise ValueError(
+                f"{ref_latents.shape[0]} reference latents for {int(ref_mask.sum())} real images"
+            )
+        mask = ref_mask[kept]  # [B', M]
+        pixels = ref_pixels[kept][mask]  # [N', 3, Hv, Wv] real images, sample-major order
+        latents = ref_latents[keep.repeat_interleave(ref_mask.sum(1))]  # [N', C, h, w]
+        visual = patch_tokens(self.dit, latents) if latents.shape[0] else latents.new_zeros(0, 1, 1)
+        hidden, hidden_mask = self.encoder(
+            [prompts[i] for i in kept], pixels=pixels, visual_tokens=visual, counts=mask.sum(1).tolist()
+        )
+        if len(kept) == batch:
+            return hidden, hidden_mask
+        length = max(hidden.shape[1], null_len)
+        cond = hidden.new_zeros(batch, length, width)
+        cond_mask = hidden_mask.new_zeros(batch, length)
+        cond[keep, : hidden.shape[1]] = hidden
+        cond_mask[keep, : hidden.shape[1]] = hidden_mask
+        cond[~keep, :null_len] = self.null_condition.to(hidden.dtype)
+        cond_mask[~keep, :null_len] = 1
+        return cond, cond_mask
+
+    def encode_references(
+        self, ref_vae: torch.Tensor, ref_mask: torch.Tensor, *, sample: bool = True
+    ) -> torch.Tensor:
+        """[B, M, 3, H, W] pixels + [B, M] mask → latents of the real images only, [N, C, h, w]."""
+        pixels = ref_vae[ref_mask]
+        if pixels.shape[0] == 0:
+            size = ref_vae.shape[-1] // self.autoencoder.downsample_factor
+            return ref_vae.new_zeros(0, self.latent_channels, size, size)
+        return self.autoencoder.encode(pixels, sample=sample)
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timestep: torch.Tensor,
+        *,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        cond_input: torch.Tensor,
+    ) -> torch.Tensor:
+        """noisy, cond_input: [B, C, h, w]; timestep: [B] → ε ⊕ variance values [B, 2C, h, w]."""
+        hidden = torch.cat([noisy, cond_input], dim=1)  # [B, 2C, h, w]
+        return self.dit(
+            hidden,
+            encoder_hidden_states=cond,
+            encoder_attention_mask=cond_mask,
+            timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+
+
+def build_mige(config: MIGEConfig) -> MIGE:
+    """Build every component from its pretrained source when one is given, else from config."""
+    src = config.pretrained
+    # 1. text side: T5 encoder and its tokenizer
+    if src.t5 is not None:
+        t5 = T5EncoderModel.from_pretrained(resolve_source(src.t5, key="model.pretrained.t5"))
+    else:
+        t5 = T5EncoderModel(T5Config(**config.t5))
+    tokenizer = load_tokenizer(src.tokenizer or src.t5 or BYTE_TOKENIZER)
+    if len(tokenizer) > t5.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but T5's vocab_size is {t5.config.vocab_size}"
+        )
+    d_text = t5.config.d_model
+
+    # 2. image side: BLIP-2 vision tower, Q-Former, query tokens, language projection
+    projection_state = None
+    if src.blip2 is not None:
+        parts = load_blip2_parts(src.blip2)
+        vision, qformer, query_tokens = parts.vision, parts.qformer, parts.query_tokens
+        projection_state = parts.language_projection or None
+    else:
+        vision = Blip2VisionModel(Blip2VisionConfig(**config.vision))
+        qformer_kwargs = {"encoder_hidden_size": vision.config.hidden_size, **config.qformer}
+        qformer = Blip2QFormerModel(Blip2QFormerConfig(**qformer_kwargs))
+        width = qformer.config.hidden_size
+        query_tokens = torch.randn(1, config.num_query_tokens, width) * qformer.config.initializer_range
+    d_query = qformer.config.hidden_size
+    projection = nn.Linear(d_query, d_text)
+    if projection_state is not None:
+        if projection_state["weight"].shape != projection.weight.shape:
+            raise ValueError(
+                f"model.pretrained.blip2: language_projection is {tuple(projection_state['weight'].shape)}, "
+                f"but Q-Former → T5 needs {tuple(projection.weight.shape)}; use a BLIP-2 built on the same LLM width"
+            )
+        projection.load_state_dict(projection_state)
+
+    # 3. frozen autoencoder, then the DiT whose channels and sample size follow from it
+    autoencoder = build_autoencoder(config.vae, source=src.vae, subfolder=src.vae_subfolder)
+    if config.resolution % autoencoder.downsample_factor:
+        raise ValueError(f"model.resolution={config.resolution} is not divisible by the VAE factor")
+    dit = build_dit(
+        config.dit,
+        latent_channels=autoencoder.latent_channels,
+        sample_size=config.resolution // autoencoder.downsample_factor,
+        caption_channels=d_text,
+        source=src.dit,
+        subfolder=src.dit_subfolder,
+    )
+    fusion = FeatureFusion(
+        d_query, dit.config.num_attention_heads * dit.config.attention_head_dim, **config.fusion
+    )
+
+    # 4. the null caption embedding (PixArt-style fixed random vectors unless a file is given)
+    if src.null_embedding is not None:
+        null = load_tensor_file(src.null_embedding)
+        if null.ndim == 3:
+            null = null[0]
+        if null.shape[-1] != d_text:
+            raise ValueError(f"model.pretrained.null_embedding: width {null.shape[-1]} != T5 width {d_text}")
+    else:
+        gen = torch.Generator().manual_seed(0)
+        null = torch.randn(config.max_length, d_text, generator=gen) / math.sqrt(d_text)
+
+    encoder = MultimodalEncoder(
+        vision=vision,
+        qformer=qformer,
+        query_tokens=query_tokens,
+        fusion=fusion,
+        projection=projection,
+        t5=t5,
+        tokenizer=tokenizer,
+        max_length=config.max_length,
+    )
+    return MIGE(encoder=encoder, dit=dit, autoencoder=autoencoder, null_condition=null.float())

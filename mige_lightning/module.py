@@ -1,0 +1,160 @@
+"""The LightningModule: loss, optimiser, logging and the one place the heavy model is built.
+
+Logged keys: ``train/loss``, ``train/loss_<task>``, ``train/mse``, ``train/vb``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import get_constant_schedule_with_warmup
+
+from mige_lightning.condition_dropout import draw_condition_dropout
+from mige_lightning.diffusion import GaussianDiffusion
+from mige_lightning.models import MIGE, build_mige, get_config
+from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt
+
+# The frozen ViT and VAE are in eval mode on purpose (paper §3.3); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+class MIGELightningModule(L.LightningModule):
+    """Args:
+    preset: ``tiny`` / ``mid`` / ``xl`` (``models/presets.py``).
+    overrides: per-component constructor kwargs merged into the preset, e.g. ``{dit: {num_layers: 4}}``.
+    pretrained: hub ids or local dirs per component, merged into the preset's (null = random init).
+    lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up then constant (SPEC §3).
+    p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance (SPEC §3).
+    gradient_checkpointing: recompute DiT / T5 activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        *,
+        overrides: dict[str, Any] | None = None,
+        pretrained: dict[str, str | None] | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 3e-2,
+        eps: float = 1e-10,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 1000,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        p_drop_condition: float = 0.05,
+        p_drop_input: float = 0.05,
+        p_drop_both: float = 0.05,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        # validated here, at start-up: unknown preset / key, missing local path → clear error
+        self.config = get_config(preset, overrides, pretrained)
+        self.diffusion = GaussianDiffusion(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
+        )
+        self.model: MIGE | None = None
+
+    # ----------------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Build the networks (pretrained loads happen here, on the target device / under sharding)."""
+        if self.model is not None:
+            return
+        self.model = build_mige(self.config)
+        if self.hparams.gradient_checkpointing:
+            self.model.dit.enable_gradient_checkpointing()
+            self.model.encoder.t5.gradient_checkpointing_enable()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            datamodule.connect(
+                resolution=self.config.resolution,
+                vision_resolution=self.config.vision_resolution,
+                vision_mean=self.config.vision_mean,
+                vision_std=self.config.vision_std,
+            )
+
+    # ----------------------------------------------------------------------------------- training
+    def encode_batch(self, batch: dict, *, drop_condition=None, drop_input=None):
+        """Batch → (x_0 latents, conditional input, cond, cond_mask)."""
+        model = self.model
+        ae = model.autoencoder
+        x_start = ae.encode(batch["target"])
+        has_source = batch["has_source"].clone()
+        if drop_input is not None:
+            has_source &= ~drop_input
+        cond_input = torch.zeros_like(x_start)
+        if has_source.any():
+            cond_input[has_source] = ae.encode(batch["source"][has_source]).to(cond_input.dtype)
+        mask = batch["ref_mask"]
+        ref_latents = model.encode_references(batch["ref_vae"], mask)
+        prompts = [build_prompt(t, i) for t, i in zip(batch["task"], batch["instruction"], strict=True)]
+        cond, cond_mask = model.encode_condition(
+            prompts,
+            ref_pixels=batch["ref_pixels"],
+            ref_latents=ref_latents,
+            ref_mask=mask,
+            drop=drop_condition,
+        )
+        return x_start, cond_input, cond, cond_mask
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        batch_size = batch["target"].shape[0]
+        drop_condition, drop_input = draw_condition_dropout(
+            batch_size,
+            p_condition=hp.p_drop_condition,
+            p_input=hp.p_drop_input,
+            p_both=hp.p_drop_both,
+            device=self.device,
+        )
+        x_start, cond_input, cond, cond_mask = self.encode_batch(
+            batch, drop_condition=drop_condition, drop_input=drop_input
+        )
+        t = self.diffusion.sample_timesteps(batch_size, device=self.device)
+        noise = torch.randn_like(x_start)
+        x_t = self.diffusion.add_noise(x_start, noise, t)
+        output = self.model(x_t, t, cond=cond, cond_mask=cond_mask, cond_input=cond_input)
+        losses = self.diffusion.training_losses(output, x_start=x_start, x_t=x_t, t=t, noise=noise)
+        loss = losses["loss"].mean()
+
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/mse", losses["mse"].mean(), batch_size=batch_size)
+        self.log("train/vb", losses["vb"].mean(), batch_size=batch_size)
+        tasks = batch["task"]
+        for task in Task:
+            idx = [i for i, name in enumerate(tasks) if name == task.value]
+            if idx:
+                self.log(f"train/loss_{task.value}", losses["loss"][idx].mean(), batch_size=len(idx))
+        return loss
+
+    # ---------------------------------------------------------------------------------- optimiser
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            eps=hp.eps,
+            betas=tuple(hp.betas),
+        )
+        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=hp.warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mige"] = {"prompt_version": PROMPT_VERSION, "config": self.config.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mige", {}).get("prompt_version", PROMPT_VERSION)
+        if saved != PROMPT_VERSION:
+            raise ValueError(
+                f"checkpoint was trained with prompt version {saved}, this code builds version {PROMPT_VERSION}"
+            )

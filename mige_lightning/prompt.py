@@ -1,0 +1,74 @@
+"""The one instruction contract shared by training, inference and evaluation.
+
+Tasks, their prefixes, prompt normalisation and the ``<imagehere>`` placeholder all live here so
+that the text a model is trained on is exactly the text it is sampled with (the authors' release
+normalises differently at train and inference time; see SPEC §2). ``PROMPT_VERSION`` is stored in
+checkpoints: bump it whenever ``build_prompt`` changes its output.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+PROMPT_VERSION = 1
+PLACEHOLDER = "<imagehere>"
+_PLACEHOLDER_RE = re.compile(re.escape(PLACEHOLDER), flags=re.IGNORECASE)
+# BLIP's caption processor: lower-case, these characters become spaces, whitespace collapsed.
+_BLIP_STRIP_RE = re.compile(r"([.!\"()*#:;~])")
+_SPACES_RE = re.compile(r"\s{2,}")
+
+
+class Task(str, Enum):
+    """The three tasks one MIGE model is trained on jointly."""
+
+    SUBJECT = "subject"  # subject-driven generation; conditional input is zeros
+    EDIT = "edit"  # instruction-based editing; conditional input is the source latent
+    SUBJECT_EDIT = "subject_edit"  # add / replace a given subject in a source image
+
+    @classmethod
+    def parse(cls, value: str | Task) -> Task:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(t.value for t in cls)
+            raise ValueError(f"unknown task {value!r}; expected one of: {choices}") from None
+
+    @property
+    def uses_source(self) -> bool:
+        """Whether the conditional input is a source image's latent (else zeros)."""
+        return self is not Task.SUBJECT
+
+
+TASK_PREFIX: dict[Task, str] = {
+    Task.SUBJECT: (
+        "Follow the text instruction to generate an image with the given objects, "
+        "preserving the subject's identity:\n "
+    ),
+    Task.EDIT: "Follow the instruction to edit the image:\n ",
+    Task.SUBJECT_EDIT: "Subject-driven editing:\n ",
+}
+
+
+def normalize_instruction(text: str, *, max_words: int = 88) -> str:
+    """BLIP caption normalisation (SPEC §2); placeholders come out as lower-case ``<imagehere>``."""
+    text = _BLIP_STRIP_RE.sub(" ", text.lower())
+    text = _SPACES_RE.sub(" ", text).rstrip("\n").strip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
+
+
+def build_prompt(task: Task | str, instruction: str, *, max_words: int = 88) -> str:
+    """Task prefix + normalised instruction: the exact text the encoder sees."""
+    return TASK_PREFIX[Task.parse(task)] + normalize_instruction(instruction, max_words=max_words)
+
+
+def count_placeholders(text: str) -> int:
+    return len(_PLACEHOLDER_RE.findall(text))
+
+
+def split_placeholders(text: str) -> list[str]:
+    """Text segments around the placeholders: ``k`` placeholders give ``k + 1`` segments."""
+    return _PLACEHOLDER_RE.split(text)

@@ -1,0 +1,82 @@
+"""The DDPM hybrid objective against the scheduler's tables and against closed-form cases."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from mige_lightning.condition_dropout import draw_condition_dropout
+from mige_lightning.diffusion import GaussianDiffusion, normal_kl
+
+
+def test_tables_and_noising_match_diffusers_scheduler():
+    diff = GaussianDiffusion()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    assert torch.allclose(diff.log_betas.exp(), sched.betas, rtol=1e-5)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    assert torch.allclose(diff.add_noise(x0, noise, t), sched.add_noise(x0, noise, t), atol=1e-6)
+
+
+def test_perfect_prediction_has_zero_loss_for_t_above_zero():
+    diff = GaussianDiffusion()
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([1, 400, 999])
+    x_t = diff.add_noise(x0, noise, t)
+    # ε exact and v = -1 → model variance = the true posterior variance → KL = 0
+    output = torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    losses = diff.training_losses(output, x_start=x0, x_t=x_t, t=t, noise=noise)
+    assert torch.allclose(losses["mse"], torch.zeros(3), atol=1e-8)
+    assert torch.allclose(losses["vb"], torch.zeros(3), atol=1e-4)
+
+
+def test_vb_matches_a_direct_kl_and_trains_only_the_variance_channels():
+    diff = GaussianDiffusion()
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([250, 750])
+    x_t = diff.add_noise(x0, noise, t)
+    output = torch.randn(2, 8, 8, 8, requires_grad=True)
+    losses = diff.training_losses(output, x_start=x0, x_t=x_t, t=t, noise=noise)
+    # direct computation in float64 from the scheduler's ᾱ
+    ab = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
+    eps, v = output.detach().double().split(4, dim=1)
+    for i, ti in enumerate(t.tolist()):
+        a, a_prev, beta = ab[ti], ab[ti - 1], 1 - ab[ti] / ab[ti - 1]
+        post_var = beta * (1 - a_prev) / (1 - a)
+        x0_hat = (x_t[i].double() - (1 - a).sqrt() * eps[i]) / a.sqrt()
+        c1, c2 = beta * a_prev.sqrt() / (1 - a), (1 - a_prev) * (1 - beta).sqrt() / (1 - a)
+        frac = (v[i] + 1) / 2
+        model_logvar = frac * beta.log() + (1 - frac) * post_var.log()
+        kl = normal_kl(
+            c1 * x0.double()[i] + c2 * x_t[i].double(),
+            post_var.log(),
+            c1 * x0_hat + c2 * x_t[i].double(),
+            model_logvar,
+        )
+        expected = kl.mean() / torch.log(torch.tensor(2.0, dtype=torch.float64))
+        assert torch.allclose(losses["vb"][i].double(), expected, rtol=1e-3), (ti, losses["vb"][i], expected)
+    losses["vb"].sum().backward()
+    assert output.grad[:, :4].abs().sum() == 0  # ε is stop-gradient inside the VLB
+    assert output.grad[:, 4:].abs().sum() > 0
+
+
+def test_t_zero_uses_the_decoder_nll():
+    diff = GaussianDiffusion()
+    x0, noise = torch.rand(1, 4, 8, 8) * 2 - 1, torch.randn(1, 4, 8, 8)
+    t = torch.tensor([0])
+    out = torch.cat([noise, torch.zeros_like(noise)], 1)
+    losses = diff.training_losses(out, x_start=x0, x_t=diff.add_noise(x0, noise, t), t=t, noise=noise)
+    assert losses["vb"].item() > 0  # a log-likelihood in bits, not a KL between equal posteriors
+
+
+def test_condition_dropout_rates_and_exclusive_outcomes():
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    drop_c, drop_i = draw_condition_dropout(n, p_condition=0.05, p_input=0.05, p_both=0.05, generator=gen)
+    only_c = (drop_c & ~drop_i).float().mean()
+    only_i = (~drop_c & drop_i).float().mean()
+    both = (drop_c & drop_i).float().mean()
+    tol = 4 * (0.05 * 0.95 / n) ** 0.5  # 4 binomial standard deviations
+    for rate in (only_c, only_i, both):
+        assert abs(rate - 0.05) < tol
+    assert abs((~drop_c & ~drop_i).float().mean() - 0.85) < 4 * (0.85 * 0.15 / n) ** 0.5
