@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mige_lightning.module import MIGELightningModule  # noqa: E402
 from tests.conftest import make_batch  # noqa: E402
 
-
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design
 
 
@@ -71,7 +70,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="reference images per sample")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| preset | params (trainable / total) | res | batch | refs | step s (median / min) | peak RSS growth |")
+    print(
+        "| preset | params (trainable / total) | res | batch | refs | step s (median / min) | peak RSS growth |"
+    )
     print("|---|---|---|---|---|---|---|")
     for preset in args.presets:
         r = bench(preset, steps=args.steps, batch=args.batch, images=args.images)

@@ -1,24 +1,56 @@
-"""LightningDataModule over one or more manifests (optionally generating the synthetic world)."""
+"""LightningDataModule: manifests → validated records → task-balanced, resumable batches.
+
+The model late-binds its image sizes, reference limit and VAE identity through ``connect()``
+(called from the LightningModule's ``setup``), so data and model cannot disagree.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.dataset import MIGEDataset, collate
-from datamodules.records import Record, read_manifest
+from datamodules.dataset import MIGEDataset, Transforms, collate
+from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
+from datamodules.records import ManifestError, Problem, Record, read_manifest
+from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler
+from datamodules.validation import check_records, resolve_problems
+
+log = logging.getLogger(__name__)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning checkpoints (its ``_Stateful`` protocol): the state is the task
+    sampler's position, counted from batches that reached the training step, so prefetching by
+    Lightning or by worker processes does not shift where a resumed run continues."""
+
+    def state_dict(self) -> dict[str, int]:
+        # Lightning swaps in a SequentialSampler for overfit_batches: nothing to resume then
+        return self.sampler.state_dict() if isinstance(self.sampler, TaskBalancedSampler) else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and isinstance(self.sampler, TaskBalancedSampler):
+            self.sampler.load_state_dict(state)
 
 
 class MIGEDataModule(L.LightningDataModule):
     """Args:
-    manifests: ``[{path: edit.json, task: edit}, …]``; ``task`` is optional when records carry one.
-    synthetic: ``{root: data/demo, num_samples: 300, size: 32, seed: 0}`` — generate that world on
-        first use and read its manifest (used by the demo).
-    resolution / vision_resolution / vision_mean / vision_std: left ``None``, they are set by the
-        model through ``connect()`` so data and model cannot disagree.
+    manifests: ``[{path: edit.json, task: edit, subtask: null}, …]``; ``task`` may instead come
+        from each record's ``task`` field.
+    synthetic: ``{root: data/demo, num_samples: 320, size: 32, seed: 0}`` — generate the synthetic
+        world on first use and train on its ``train`` split.
+    root: data root every image path must stay inside; default: each manifest's folder.
+    task_weights: sampling weight per pool (``subject``, ``edit``, ``subject_edit/add``,
+        ``subject_edit/replace``; ``subject_edit`` for records without a subtask).
+    samples_per_epoch: per rank; default: all records / world size.
+    seed: the sampler's seed (the stream is a function of seed, epoch and rank).
+    on_bad_record: ``error`` (one report of every bad record) or ``skip`` (drop, log counts).
+    check_images: decode every image during validation (catches truncated files up front).
+    latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
     """
 
     def __init__(
@@ -26,8 +58,15 @@ class MIGEDataModule(L.LightningDataModule):
         manifests: list[dict[str, Any]] | None = None,
         *,
         synthetic: dict[str, Any] | None = None,
+        root: str | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
+        task_weights: dict[str, float] | None = None,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        on_bad_record: str = "error",
+        check_images: bool = True,
+        latent_cache: str | None = None,
         resolution: int | None = None,
         vision_resolution: int | None = None,
         vision_mean: tuple[float, float, float] | None = None,
@@ -37,17 +76,39 @@ class MIGEDataModule(L.LightningDataModule):
         if not manifests and not synthetic:
             raise ValueError("data: give `manifests` or `synthetic`")
         self.manifests = list(manifests or [])
-        self.synthetic = synthetic
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.root = root
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.task_weights = dict(task_weights or DEFAULT_WEIGHTS)
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.on_bad_record = on_bad_record
+        self.check_images = check_images
+        self.latent_cache = latent_cache
         self.resolution = resolution
         self.vision_resolution = vision_resolution
         self.vision_mean = vision_mean
         self.vision_std = vision_std
+        self.max_images: int | None = None
+        self.vae_identity: str | None = None
         self.records: list[Record] = []
+        self._parse_problems: list[Problem] = []
+        self._validated = False
+        self.sampler: TaskBalancedSampler | None = None
 
-    def connect(self, *, resolution: int, vision_resolution: int, vision_mean, vision_std) -> None:
-        """Late-bind the model's image sizes (litgpt-style); an explicit conflicting value is an error."""
+    # ------------------------------------------------------------------------------- wiring
+    def connect(
+        self,
+        *,
+        resolution: int,
+        vision_resolution: int,
+        vision_mean,
+        vision_std,
+        max_images: int | None = None,
+        vae_identity: str | None = None,
+    ) -> None:
+        """Late-bind the model's settings (litgpt-style); an explicit conflicting value is an error."""
         for name, value in (("resolution", resolution), ("vision_resolution", vision_resolution)):
             mine = getattr(self, name)
             if mine is not None and mine != value:
@@ -55,44 +116,118 @@ class MIGEDataModule(L.LightningDataModule):
             setattr(self, name, value)
         self.vision_mean = self.vision_mean or tuple(vision_mean)
         self.vision_std = self.vision_std or tuple(vision_std)
+        self.max_images = max_images
+        self.vae_identity = vae_identity
 
+    def manifest_specs(self) -> list[dict[str, Any]]:
+        specs = list(self.manifests)
+        if self.synthetic:
+            from datamodules.synthetic import manifest_specs
+
+            specs += manifest_specs(self.synthetic.get("root", "data/demo"), "train")
+        return specs
+
+    @property
+    def transforms(self) -> Transforms:
+        if self.resolution is None or self.vision_resolution is None:
+            raise RuntimeError("data.resolution is unset: call connect() (the MIGE module does) or set it")
+        return Transforms(self.resolution, self.vision_resolution, self.vision_mean, self.vision_std)
+
+    # ------------------------------------------------------------------------------- stages
     def prepare_data(self) -> None:
         if self.synthetic:
             from datamodules.synthetic import generate
 
             spec = dict(self.synthetic)
             root = Path(spec.pop("root", "data/demo"))
-            if not (root / "train.jsonl").is_file():
+            if not (root / "world.json").is_file():
                 generate(root, **spec)
 
-    def _manifest_specs(self) -> list[dict[str, Any]]:
-        specs = list(self.manifests)
-        if self.synthetic:
-            specs.append({"path": str(Path(self.synthetic.get("root", "data/demo")) / "train.jsonl")})
-        return specs
-
     def setup(self, stage: str | None = None) -> None:
-        if self.records:
+        if self.records or self._parse_problems:
             return
-        for spec in self._manifest_specs():
-            self.records.extend(read_manifest(spec["path"], task=spec.get("task")))
+        for spec in self.manifest_specs():
+            records, problems = read_manifest(
+                spec["path"], task=spec.get("task"), subtask=spec.get("subtask")
+            )
+            self.records.extend(records)
+            self._parse_problems.extend(problems)
 
-    def train_dataloader(self) -> DataLoader:
-        if self.resolution is None or self.vision_resolution is None:
-            raise RuntimeError("data.resolution is unset: call connect() (the MIGE module does) or set it")
-        dataset = MIGEDataset(
-            self.records,
+    def validated_records(self) -> list[Record]:
+        """Every record checked once (paths, reference count, images); bad ones reported or skipped."""
+        if self._validated:
+            return self.records
+        self.setup()
+        good, problems = [], list(self._parse_problems)
+        by_manifest: dict[str, list[Record]] = defaultdict(list)
+        for rec in self.records:
+            by_manifest[rec.origin.rsplit(":", 1)[0]].append(rec)
+        for manifest, records in by_manifest.items():
+            root = Path(self.root) if self.root else Path(manifest).parent
+            ok, bad = check_records(
+                records, root=root, max_images=self.max_images, check_images=self.check_images
+            )
+            good += ok
+            problems += bad
+        self.records = resolve_problems(good, problems, on_bad_record=self.on_bad_record)
+        self._validated = True
+        return self.records
+
+    def _cache(self) -> LatentCache | None:
+        if self.latent_cache is None:
+            return None
+        if self.vae_identity is None:
+            raise RuntimeError(
+                "data.latent_cache is set but the model's VAE identity is unknown: call connect()"
+            )
+        cache = LatentCache.find(
+            self.latent_cache,
+            vae_identity=self.vae_identity,
             resolution=self.resolution,
             vision_resolution=self.vision_resolution,
-            vision_mean=self.vision_mean,
-            vision_std=self.vision_std,
         )
-        return DataLoader(
-            dataset,
+        if cache is None:
+            log.warning("no latent cache in %s yet: encoding images on the fly", self.latent_cache)
+            return None
+        missing = missing_from_cache(cache, self.records)
+        if missing:
+            raise StaleCacheError(
+                f"latent cache {cache.directory} lacks {len(missing)} image(s), e.g. {missing[:3]}; "
+                "rerun `python -m mige_lightning cache-latents`"
+            )
+        return cache
+
+    def train_dataloader(self) -> DataLoader:
+        records = self.validated_records()
+        pools: dict[str, list[int]] = defaultdict(list)
+        for i, rec in enumerate(records):
+            pools[rec.pool].append(i)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        try:
+            self.sampler = TaskBalancedSampler(
+                pools,
+                self.task_weights,
+                num_samples=self.samples_per_epoch,
+                num_replicas=world,
+                rank=rank,
+                seed=self.seed,
+            )
+        except ValueError as e:
+            raise ManifestError(f"{e} (pools found: { {k: len(v) for k, v in pools.items()} })") from None
+        return ResumableDataLoader(
+            MIGEDataset(records, self.transforms, cache=self._cache()),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self.sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
-            drop_last=len(dataset) >= self.batch_size,
+            drop_last=True,
         )
+
+    # ---------------------------------------------------------------------------- resumption
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # called for the batch the training step is about to consume (not for prefetched ones)
+        if self.sampler is not None and self.trainer is not None and self.trainer.training:
+            self.sampler.advance(len(batch["task"]))
+        return batch

@@ -2,7 +2,8 @@
 
 Field names follow the authors' files (``image``, ``multi_prompt``, ``entity_path``,
 ``source_path``); the task is explicit — a ``task`` field or the manifest's task in the data
-config — and never guessed from a path. Every error names ``file:line``.
+config — and never guessed from a path. Reading never stops at the first bad record: every
+problem is collected as ``file:line: reason`` so one report lists them all (``validation.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,26 @@ from typing import Any
 
 from mige_lightning.prompt import Task, count_placeholders
 
+SUBTASKS = {Task.SUBJECT_EDIT: ("add", "replace")}
+
 
 class ManifestError(ValueError):
-    """A bad record, reported as ``file:line: reason``."""
+    """Bad data, reported as one or more ``file:line: reason`` lines."""
+
+    def __init__(self, message: str, *, kind: str = "bad record", problems: list[Problem] | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class Problem:
+    origin: str  # "path/to/manifest.jsonl:12"
+    kind: str  # short category, used to count skipped records per reason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -29,32 +47,41 @@ class Record:
     origin: str  # "manifest.jsonl:12", for error messages
     subtask: str | None = None  # "add" / "replace" inside subject_edit
 
+    @property
+    def pool(self) -> str:
+        """The sampler pool: ``subject``, ``edit``, ``subject_edit/add``, ``subject_edit/replace``."""
+        return f"{self.task.value}/{self.subtask}" if self.subtask else self.task.value
 
-def _entries(path: Path) -> list[tuple[int, Any]]:
-    """(line, object) pairs from a JSON list or a JSONL file."""
+    @property
+    def images(self) -> tuple[Path, ...]:
+        return (self.target, *self.references, *((self.source,) if self.source else ()))
+
+
+def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """(line, object) pairs from a JSON list or a JSONL file, plus the lines that failed to parse."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-        # line of each top-level element, so errors in a JSON list also point at a line
+            return [], [Problem(f"{path}:{e.lineno}", "malformed JSON", f"malformed JSON: {e.msg}")]
+        # the line of each top-level element, so errors in a JSON list also point at a line
         decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
         for _ in items:
             while text[pos] in " \t\r\n,":
                 pos += 1
             lines.append(text.count("\n", 0, pos) + 1)
             _, pos = decoder.raw_decode(text, pos)
-        return list(zip(lines, items, strict=True))
-    out = []
+        return list(zip(lines, items, strict=True)), []
+    out, problems = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
-    return out
+            problems.append(Problem(f"{path}:{lineno}", "malformed JSON", f"malformed JSON line: {e.msg}"))
+    return out, problems
 
 
 def _as_list(value: Any) -> list[str]:
@@ -63,32 +90,44 @@ def _as_list(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def parse_record(obj: Any, *, origin: str, base: Path, task: Task | str | None = None) -> Record:
+def parse_record(
+    obj: Any, *, origin: str, base: Path, task: Task | str | None = None, subtask: str | None = None
+) -> Record:
+    """One manifest entry → ``Record``; raises ``ManifestError`` with ``origin`` on anything wrong."""
+
+    def bad(kind: str, reason: str) -> ManifestError:
+        return ManifestError(f"{origin}: {reason}", kind=kind)
+
     if not isinstance(obj, dict):
-        raise ManifestError(f"{origin}: expected a JSON object, got {type(obj).__name__}")
+        raise bad("malformed record", f"expected a JSON object, got {type(obj).__name__}")
     for name in ("image", "multi_prompt"):
         if not obj.get(name):
-            raise ManifestError(f"{origin}: missing field '{name}'")
+            raise bad("missing field", f"missing field '{name}'")
     task_value = obj.get("task", task)
     if task_value is None:
-        raise ManifestError(
-            f"{origin}: no 'task' field and no task given for this manifest in the data config"
-        )
+        raise bad("unknown task", "no 'task' field and no task given for this manifest in the data config")
     try:
         parsed_task = Task.parse(task_value)
     except ValueError as e:
-        raise ManifestError(f"{origin}: {e}") from None
+        raise bad("unknown task", str(e)) from None
+    sub = obj.get("subtask", subtask)
+    if sub is not None and sub not in SUBTASKS.get(parsed_task, ()):
+        raise bad(
+            "unknown subtask",
+            f"unknown subtask {sub!r} for task '{parsed_task.value}'; expected one of {SUBTASKS.get(parsed_task, ())}",
+        )
     refs = tuple(base / p for p in _as_list(obj.get("entity_path")))
     sources = _as_list(obj.get("source_path"))
     if len(sources) > 1:
-        raise ManifestError(f"{origin}: 'source_path' holds {len(sources)} images; at most one is allowed")
+        raise bad("too many sources", f"'source_path' holds {len(sources)} images; at most one is allowed")
     if parsed_task.uses_source and not sources:
-        raise ManifestError(f"{origin}: task '{parsed_task.value}' needs a 'source_path'")
+        raise bad("missing source", f"task '{parsed_task.value}' needs a 'source_path'")
     instruction = str(obj["multi_prompt"])
     n_placeholders = count_placeholders(instruction)
     if n_placeholders != len(refs):
-        raise ManifestError(
-            f"{origin}: {n_placeholders} <imagehere> placeholder(s) but {len(refs)} image(s) in 'entity_path'"
+        raise bad(
+            "placeholder count",
+            f"{n_placeholders} <imagehere> placeholder(s) but {len(refs)} image(s) in 'entity_path'",
         )
     return Record(
         task=parsed_task,
@@ -97,18 +136,26 @@ def parse_record(obj: Any, *, origin: str, base: Path, task: Task | str | None =
         references=refs,
         source=base / sources[0] if sources else None,
         origin=origin,
-        subtask=obj.get("subtask"),
+        subtask=sub,
     )
 
 
-def read_manifest(path: str | Path, *, task: Task | str | None = None) -> list[Record]:
+def read_manifest(
+    path: str | Path, *, task: Task | str | None = None, subtask: str | None = None
+) -> tuple[list[Record], list[Problem]]:
+    """All good records of one manifest and a ``Problem`` for every bad one."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest file does not exist")
-    records = [
-        parse_record(obj, origin=f"{path}:{line}", base=path.parent, task=task)
-        for line, obj in _entries(path)
-    ]
-    if not records:
-        raise ManifestError(f"{path}: manifest holds no records")
-    return records
+        return [], [Problem(f"{path}:0", "missing manifest", "manifest file does not exist")]
+    entries, problems = _entries(path)
+    records = []
+    for line, obj in entries:
+        origin = f"{path}:{line}"
+        try:
+            records.append(parse_record(obj, origin=origin, base=path.parent, task=task, subtask=subtask))
+        except ManifestError as e:
+            reason = str(e).removeprefix(f"{origin}: ")
+            problems.append(Problem(origin, e.kind, reason))
+    if not entries and not problems:
+        problems.append(Problem(f"{path}:1", "empty manifest", "manifest holds no records"))
+    return records, problems

@@ -1,24 +1,41 @@
 """A procedural multi-task world for the CPU demo and the tests.
 
-Scenes are coloured sprites (circle / square / triangle) on a plain background; every sample's
-target is computed from the same scene description its instruction is written from, for all
-three tasks. The output is images plus a JSONL manifest in the authors' field format, so the demo
-reads it through exactly the loader real data uses.
+A scene is a background colour plus sprites — a shape (circle / square / triangle) with a colour,
+a size and one of three horizontal slots. Every sample's target is rendered from the same scene
+description its instruction is written from, for all three tasks:
+
+- ``subject``: the given sprites (each shown alone on white) placed as the instruction says on a
+  blank canvas of the named colour;
+- ``edit``: recolour, remove or move one sprite, or change the background;
+- ``subject_edit``: ``add`` a given sprite at a free slot, or ``replace`` a sprite by a given one.
+
+Output: images plus per-task manifests in the authors' format (JSON lists with ``image``,
+``multi_prompt``, ``entity_path``, ``source_path``; ``subtask`` for subject_edit), for a train and
+a held-out split (``<root>/{train,heldout}_{subject,edit,subject_edit}.json``), so the demo reads it through exactly the loader real data uses.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15)}
+BACKGROUNDS = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+    "pink": (250, 180, 200),
+}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": 0.25, "center": 0.5, "right": 0.75}
+POSITIONS = {"left": 1 / 6, "center": 1 / 2, "right": 5 / 6}  # slot centres, fraction of the width
+SIZES = {"small": 0.09, "large": 0.15}  # half-extent, fraction of the width (slots never overlap)
+REFERENCE_BACKGROUND = (255, 255, 255)
+TASK_FILES = {"subject": "subject.json", "edit": "edit.json", "subject_edit": "subject_edit.json"}
+KINDS = ("subject", "edit", "add", "replace")
 
 
 @dataclass(frozen=True)
@@ -26,17 +43,19 @@ class Sprite:
     shape: str
     colour: str
     position: str
+    size: str = "large"
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
 
-def render(sprites: list[Sprite], *, background: str, size: int) -> Image.Image:
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+def render(sprites, *, background: str | tuple[int, int, int], size: int) -> Image.Image:
+    fill_bg = BACKGROUNDS[background] if isinstance(background, str) else background
+    img = Image.new("RGB", (size, size), fill_bg)
     draw = ImageDraw.Draw(img)
-    r = size * 0.18
     for s in sprites:
+        r = SIZES[s.size] * size
         cx, cy = POSITIONS[s.position] * size, size / 2
         box = (cx - r, cy - r, cx + r, cy + r)
         fill = COLOURS[s.colour]
@@ -49,82 +68,160 @@ def render(sprites: list[Sprite], *, background: str, size: int) -> Image.Image:
     return img
 
 
-def _sprite(rng: random.Random, position: str | None = None) -> Sprite:
-    return Sprite(rng.choice(SHAPES), rng.choice(list(COLOURS)), position or rng.choice(list(POSITIONS)))
+def render_reference(sprite: Sprite, *, size: int) -> Image.Image:
+    """A subject image: the sprite alone, large and centred, on white."""
+    return render(
+        [Sprite(sprite.shape, sprite.colour, "center", "large")], background=REFERENCE_BACKGROUND, size=size
+    )
 
 
-def generate(root: str | Path, *, num_samples: int = 300, size: int = 32, seed: int = 0) -> Path:
-    """Write ``num_samples`` examples (tasks in turn) under ``root``; returns the manifest path."""
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    records = []
+class _World:
+    def __init__(self, root: Path, *, size: int, rng: random.Random, prefix: str):
+        self.root, self.size, self.rng, self.prefix = root, size, rng, prefix
+        self.records: dict[str, list[dict]] = {task: [] for task in TASK_FILES}
+        self.count = 0
 
-    def save(img: Image.Image, name: str) -> str:
-        rel = f"images/{name}.png"
-        img.save(root / rel)
+    def save(self, img: Image.Image, name: str) -> str:
+        rel = f"images/{self.prefix}{self.count:05d}_{name}.png"
+        img.save(self.root / rel)
         return rel
 
-    for i in range(num_samples):
+    def sprites(self, n: int, *, positions=None) -> list[Sprite]:
+        """n sprites, distinct by (colour, shape) so instructions are unambiguous, in distinct slots."""
+        rng = self.rng
+        slots = list(positions or rng.sample(list(POSITIONS), n))
+        kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+        return [Sprite(s, c, p, rng.choice(list(SIZES))) for (c, s), p in zip(kinds, slots, strict=True)]
+
+    def scene(self, sprites, bg: str) -> Image.Image:
+        return render(sprites, background=bg, size=self.size)
+
+    # -------------------------------------------------------------------------------- tasks
+    def subject(self) -> None:
+        rng, n = self.rng, self.rng.choice([1, 1, 2])
         bg = rng.choice(list(BACKGROUNDS))
-        kind = ("subject", "edit", "add", "replace")[i % 4]
-        if kind == "subject":
-            s = _sprite(rng)
-            ref = save(
-                render([Sprite(s.shape, s.colour, "center")], background="white", size=size), f"{i:05d}_ref"
-            )
-            tgt = save(render([s], background=bg, size=size), f"{i:05d}_tgt")
-            rec = {
-                "task": "subject",
-                "multi_prompt": f"a <imagehere> on the {s.position} of a {bg} background",
-                "entity_path": [ref],
+        sprites = self.sprites(n)
+        refs = [self.save(render_reference(s, size=self.size), f"ref{j}") for j, s in enumerate(sprites)]
+        phrase = " and ".join(f"a {s.size} <imagehere> on the {s.position}" for s in sprites)
+        self.records["subject"].append(
+            {
+                "image": self.save(self.scene(sprites, bg), "tgt"),
+                "multi_prompt": f"{phrase}, on a {bg} background",
+                "entity_path": refs,
                 "source_path": [],
-                "image": tgt,
             }
-        elif kind == "edit":
-            s = _sprite(rng)
-            new = rng.choice([c for c in COLOURS if c != s.colour])
-            src = save(render([s], background=bg, size=size), f"{i:05d}_src")
-            tgt = save(render([Sprite(s.shape, new, s.position)], background=bg, size=size), f"{i:05d}_tgt")
-            rec = {
-                "task": "edit",
-                "multi_prompt": f"make the {s.name} in <imagehere> {new}",
+        )
+
+    def edit(self) -> None:
+        rng = self.rng
+        bg = rng.choice(list(BACKGROUNDS))
+        sprites = self.sprites(rng.choice([1, 2]))
+        target = rng.randrange(len(sprites))
+        s = sprites[target]
+        op = rng.choice(["recolour", "remove", "move", "background"])
+        new_bg, out = bg, list(sprites)
+        if op == "recolour":
+            new = rng.choice(
+                [
+                    c
+                    for c in COLOURS
+                    if c != s.colour and (c, s.shape) not in {(x.colour, x.shape) for x in sprites}
+                ]
+            )
+            out[target] = replace(s, colour=new)
+            text = f"make the {s.name} in <imagehere> {new}"
+        elif op == "remove":
+            del out[target]
+            text = f"remove the {s.name} from <imagehere>"
+        elif op == "move":
+            free = [p for p in POSITIONS if p not in {x.position for x in sprites}]
+            dest = rng.choice(free)
+            out[target] = replace(s, position=dest)
+            text = f"move the {s.name} in <imagehere> to the {dest}"
+        else:
+            new_bg = rng.choice([b for b in BACKGROUNDS if b != bg])
+            text = f"change the background of <imagehere> to {new_bg}"
+        src = self.save(self.scene(sprites, bg), "src")
+        self.records["edit"].append(
+            {
+                "image": self.save(self.scene(out, new_bg), "tgt"),
+                "multi_prompt": text,
                 "entity_path": [src],
                 "source_path": [src],
-                "image": tgt,
+                "edit_type": op,
             }
-        elif kind == "add":
-            a, b = _sprite(rng, "left"), _sprite(rng, "right")
-            src = save(render([a], background=bg, size=size), f"{i:05d}_src")
-            ref = save(
-                render([Sprite(b.shape, b.colour, "center")], background="white", size=size), f"{i:05d}_ref"
-            )
-            tgt = save(render([a, b], background=bg, size=size), f"{i:05d}_tgt")
-            rec = {
-                "task": "subject_edit",
+        )
+
+    def add(self) -> None:
+        rng = self.rng
+        bg = rng.choice(list(BACKGROUNDS))
+        existing, new = self.sprites(2)
+        ref = self.save(render_reference(new, size=self.size), "ref")
+        src = self.save(self.scene([existing], bg), "src")
+        self.records["subject_edit"].append(
+            {
+                "image": self.save(self.scene([existing, new], bg), "tgt"),
                 "subtask": "add",
-                "multi_prompt": "add <imagehere> on the right of <imagehere>",
+                "multi_prompt": f"add a {new.size} <imagehere> on the {new.position} of <imagehere>",
                 "entity_path": [ref, src],
                 "source_path": [src],
-                "image": tgt,
             }
-        else:
-            a = _sprite(rng)
-            b = Sprite(rng.choice([s for s in SHAPES if s != a.shape]), rng.choice(list(COLOURS)), a.position)
-            src = save(render([a], background=bg, size=size), f"{i:05d}_src")
-            ref = save(
-                render([Sprite(b.shape, b.colour, "center")], background="white", size=size), f"{i:05d}_ref"
-            )
-            tgt = save(render([b], background=bg, size=size), f"{i:05d}_tgt")
-            rec = {
-                "task": "subject_edit",
+        )
+
+    def replace(self) -> None:
+        rng = self.rng
+        bg = rng.choice(list(BACKGROUNDS))
+        sprites = self.sprites(rng.choice([1, 2]) + 1)
+        *scene, incoming = sprites
+        target = rng.randrange(len(scene))
+        old = scene[target]
+        out = list(scene)
+        out[target] = Sprite(incoming.shape, incoming.colour, old.position, old.size)
+        ref = self.save(render_reference(incoming, size=self.size), "ref")
+        src = self.save(self.scene(scene, bg), "src")
+        self.records["subject_edit"].append(
+            {
+                "image": self.save(self.scene(out, bg), "tgt"),
                 "subtask": "replace",
-                "multi_prompt": f"replace the {a.name} in <imagehere> with <imagehere>",
+                "multi_prompt": f"replace the {old.name} in <imagehere> with <imagehere>",
                 "entity_path": [src, ref],
                 "source_path": [src],
-                "image": tgt,
             }
-        records.append(rec)
-    manifest = root / "train.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return manifest
+        )
+
+    def run(self, n: int) -> None:
+        for i in range(n):
+            getattr(self, KINDS[i % len(KINDS)])()
+            self.count += 1
+
+
+def generate(
+    root: str | Path, *, num_samples: int = 320, size: int = 32, seed: int = 0, heldout_fraction: float = 0.1
+) -> dict[str, list[dict[str, str]]]:
+    """Write the world under ``root`` (deterministic in ``seed``); returns the manifest specs per
+    split, ``{"train": [{path, task}, …], "heldout": […]}``, ready for ``data.manifests``."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    n_heldout = max(len(KINDS), round(num_samples * heldout_fraction)) if heldout_fraction > 0 else 0
+    specs = {}
+    for split, n, split_seed in (
+        ("train", num_samples - n_heldout, seed),
+        ("heldout", n_heldout, seed + 1_000_003),
+    ):
+        world = _World(root, size=size, rng=random.Random(split_seed), prefix=f"{split}_")
+        world.run(n)
+        for task, filename in TASK_FILES.items():
+            (root / f"{split}_{filename}").write_text(json.dumps(world.records[task], indent=1))
+        specs[split] = manifest_specs(root, split)
+    (root / "world.json").write_text(
+        json.dumps(
+            {"num_samples": num_samples, "size": size, "seed": seed, "heldout_fraction": heldout_fraction}
+        )
+    )
+    return specs
+
+
+def manifest_specs(root: str | Path, split: str = "train") -> list[dict[str, str]]:
+    """``data.manifests`` entries for one split of a generated world (task given per manifest)."""
+    root = Path(root)
+    return [{"path": str(root / f"{split}_{f}"), "task": t} for t, f in TASK_FILES.items()]

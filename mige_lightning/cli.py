@@ -1,4 +1,4 @@
-"""``python -m mige_lightning {fit,validate,test,predict} --config …`` through LightningCLI.
+"""``python -m mige_lightning {fit,validate,test,predict,cache-latents} --config …`` through LightningCLI.
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
 a config says otherwise, every run logs to TensorBoard under ``runs/<name>/version_<n>/`` and
@@ -6,6 +6,9 @@ checkpoints into that same run directory (one directory per run, config saved be
 """
 
 from __future__ import annotations
+
+import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -37,6 +40,20 @@ class MIGECLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["cache-latents"]:
+        # an extra subcommand with fit's config: build model + data, encode every image once
+        from mige_lightning.cache_latents import cache_latents
+
+        with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = _cli(argv[1:], run=False)
+        cache_latents(cli.model, cli.datamodule)
+        return cli
+    return _cli(args, run=run)
+
+
+def _cli(args: list[str] | None, *, run: bool) -> MIGECLI:
     return MIGECLI(
         MIGELightningModule,
         MIGEDataModule,

@@ -1,6 +1,7 @@
 """The LightningModule: loss, optimiser, logging and the one place the heavy model is built.
 
-Logged keys: ``train/loss``, ``train/loss_<task>``, ``train/mse``, ``train/vb``.
+Logged keys: ``train/loss``, ``train/loss_<task>``, ``train/mse``, ``train/vb`` (per step) and
+``train/samples_<task>`` (samples of each task per epoch, all ranks).
 """
 
 from __future__ import annotations
@@ -61,37 +62,54 @@ class MIGELightningModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
         """Build the networks (pretrained loads happen here, on the target device / under sharding)."""
-        if self.model is not None:
-            return
-        self.model = build_mige(self.config)
-        if self.hparams.gradient_checkpointing:
-            self.model.dit.enable_gradient_checkpointing()
-            self.model.encoder.t5.gradient_checkpointing_enable()
+        if self.model is None:
+            self.model = build_mige(self.config)
+            if self.hparams.gradient_checkpointing:
+                self.model.dit.enable_gradient_checkpointing()
+                self.model.encoder.t5.gradient_checkpointing_enable()
+        # runs after the data module's setup and before its dataloaders are built
+        self.connect_datamodule()
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "connect"):
-            datamodule.connect(
-                resolution=self.config.resolution,
-                vision_resolution=self.config.vision_resolution,
-                vision_mean=self.config.vision_mean,
-                vision_std=self.config.vision_std,
-            )
+    def connect_datamodule(self, datamodule=None) -> None:
+        """Hand the data module the model's image sizes, reference limit and VAE identity."""
+        if datamodule is None and self._trainer is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "connect"):
+            return
+        datamodule.connect(
+            resolution=self.config.resolution,
+            vision_resolution=self.config.vision_resolution,
+            vision_mean=self.config.vision_mean,
+            vision_std=self.config.vision_std,
+            max_images=self.config.max_images,
+            vae_identity=self.model.autoencoder.identity(),
+        )
 
     # ----------------------------------------------------------------------------------- training
     def encode_batch(self, batch: dict, *, drop_condition=None, drop_input=None):
-        """Batch → (x_0 latents, conditional input, cond, cond_mask)."""
+        """Batch → (x_0 latents, conditional input, cond, cond_mask).
+
+        Latents come from the batch when the data module read them from the latent cache
+        (``*_latent`` keys), otherwise the frozen autoencoder encodes the pixels here.
+        A dropped input becomes zeros; a dropped condition becomes the null embedding.
+        """
         model = self.model
         ae = model.autoencoder
-        x_start = ae.encode(batch["target"])
+        x_start = batch["target_latent"] if "target_latent" in batch else ae.encode(batch["target"])
         has_source = batch["has_source"].clone()
         if drop_input is not None:
             has_source &= ~drop_input
         cond_input = torch.zeros_like(x_start)
         if has_source.any():
-            cond_input[has_source] = ae.encode(batch["source"][has_source]).to(cond_input.dtype)
+            if "source_latent" in batch:
+                cond_input[has_source] = batch["source_latent"][has_source].to(cond_input.dtype)
+            else:
+                cond_input[has_source] = ae.encode(batch["source"][has_source]).to(cond_input.dtype)
         mask = batch["ref_mask"]
-        ref_latents = model.encode_references(batch["ref_vae"], mask)
+        if "ref_latent" in batch:
+            ref_latents = batch["ref_latent"][mask]
+        else:
+            ref_latents = model.encode_references(batch["ref_vae"], mask)
         prompts = [build_prompt(t, i) for t, i in zip(batch["task"], batch["instruction"], strict=True)]
         cond, cond_mask = model.encode_condition(
             prompts,
@@ -104,7 +122,7 @@ class MIGELightningModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        batch_size = batch["target"].shape[0]
+        batch_size = len(batch["task"])
         drop_condition, drop_input = draw_condition_dropout(
             batch_size,
             p_condition=hp.p_drop_condition,
@@ -130,6 +148,16 @@ class MIGELightningModule(L.LightningModule):
             idx = [i for i, name in enumerate(tasks) if name == task.value]
             if idx:
                 self.log(f"train/loss_{task.value}", losses["loss"][idx].mean(), batch_size=len(idx))
+            # samples of each task seen this epoch, summed over steps and ranks
+            self.log(
+                f"train/samples_{task.value}",
+                float(len(idx)),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=1,
+            )
         return loss
 
     # ---------------------------------------------------------------------------------- optimiser

@@ -57,3 +57,46 @@ def test_checkpoint_round_trip_restores_weights_and_records_prompt_version(tmp_p
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match="prompt version"):
         MIGELightningModule.load_from_checkpoint(path)
+
+
+def test_condition_dropout_substitutes_null_condition_and_zero_input():
+    torch.manual_seed(0)
+    module = MIGELightningModule("tiny", overrides={"vae": {"kind": "pixel"}})  # deterministic encoding
+    module.configure_model()
+    module.model.eval()
+    batch = make_batch(module.config, [1, 2, 1])
+    batch["has_source"][:] = True
+    drop_c = torch.tensor([True, False, False])
+    drop_i = torch.tensor([False, True, False])
+    x0, cond_input, cond, mask = module.encode_batch(batch, drop_condition=drop_c, drop_input=drop_i)
+    _, full_input, full_cond, full_mask = module.encode_batch(batch)
+    null = module.model.null_condition
+    assert torch.equal(cond[0, : null.shape[0]], null) and mask[0].sum() == null.shape[0]
+    assert torch.equal(cond_input[1], torch.zeros_like(cond_input[1]))  # dropped input → zeros
+    assert not torch.equal(full_input[1], torch.zeros_like(full_input[1]))
+    n = int(full_mask[1].sum())
+    assert torch.allclose(cond[1, :n], full_cond[1, :n], atol=1e-5)  # kept condition unchanged
+    assert torch.equal(cond_input[0], full_input[0]) and torch.equal(cond_input[2], full_input[2])
+
+
+def test_samples_per_task_are_logged_per_epoch(tmp_path):
+    torch.manual_seed(0)
+    module = MIGELightningModule("tiny", warmup_steps=1)
+    batch = make_batch(module.config, [1, 2, 0, 1])  # tasks: subject_edit, subject, subject, subject_edit
+    loader = torch.utils.data.DataLoader([batch, batch], batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    m = trainer.callback_metrics
+    assert (
+        m["train/samples_subject"] == 4
+        and m["train/samples_subject_edit"] == 4
+        and m["train/samples_edit"] == 0
+    )

@@ -8,6 +8,8 @@ pretrained VAE can be downloaded here and a random VAE's latents are meaningless
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
@@ -37,6 +39,14 @@ class KLAutoencoder(_Frozen):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.freeze()
 
+    def identity(self) -> str:
+        """Hash of config and weights: what a latent cache is keyed by (a stale cache is detected)."""
+        h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     @torch.no_grad()
     def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled mean and std of q(z | x): what a latent cache stores (sampled at load time)."""
@@ -64,6 +74,9 @@ class PixelAutoencoder(_Frozen):
     def __init__(self):
         super().__init__()
         self.freeze()
+
+    def identity(self) -> str:
+        return "pixel-identity"
 
     def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pixels, torch.zeros_like(pixels)

@@ -106,9 +106,8 @@ class MIGE(nn.Module):
     ) -> torch.Tensor:
         """[B, M, 3, H, W] pixels + [B, M] mask → latents of the real images only, [N, C, h, w]."""
         pixels = ref_vae[ref_mask]
-        if pixels.shape[0] == 0:
-            size = ref_vae.shape[-1] // self.autoencoder.downsample_factor
-            return ref_vae.new_zeros(0, self.latent_channels, size, size)
+        if pixels.shape[0] == 0:  # no reference in the batch (padded shape may be degenerate)
+            return ref_vae.new_zeros(0, self.latent_channels, 1, 1)
         return self.autoencoder.encode(pixels, sample=sample)
 
     def forward(

@@ -1,0 +1,38 @@
+"""Image decoding that turns every PIL mode into correct RGB (not just ``.convert("RGB")``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGBA / LA / P-with-transparency are alpha-composited over white (a plain ``convert`` would
+    expose whatever colour hides under transparent pixels); 16-/32-bit greyscale is rescaled to
+    8 bits instead of being clipped at 255; CMYK and the rest go through PIL's conversions."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            scale = 65535.0
+        elif img.mode == "F":
+            scale = 1.0
+        else:
+            scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode fully (so truncated files fail here, with the path) and convert to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)

@@ -1,0 +1,130 @@
+"""Task-balanced joint sampling (SPEC §3): draw tasks at configured ratios, on every rank.
+
+Pools are keyed by ``Record.pool`` (``subject``, ``edit``, ``subject_edit/add``,
+``subject_edit/replace``). For each sample a pool is drawn with the configured weights and the
+next index of that pool is taken. Each pool is split between ranks (a permutation fixed by
+``(seed, epoch)``, rank r takes every world-th element), so the ranks' streams are disjoint by
+construction; each rank walks its share in a reshuffled order, pass after pass.
+
+The stream is a pure function of ``(seed, epoch, rank)``, so resuming needs only how many
+samples of the epoch were consumed: ``state_dict`` / ``load_state_dict`` carry that, and
+iteration restarts at exactly the next sample.
+
+The class derives from ``DistributedSampler`` only so that Lightning leaves it alone (it wraps
+any other custom sampler in a ``DistributedSamplerWrapper``); it does its own rank split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import DistributedSampler
+
+DEFAULT_WEIGHTS = {
+    # subject-driven : editing side = 1 : 1; add : replace = 1 : 1 inside subject_edit (SPEC §3)
+    "subject": 0.5,
+    "edit": 0.25,
+    "subject_edit/add": 0.125,
+    "subject_edit/replace": 0.125,
+}
+
+
+class TaskBalancedSampler(DistributedSampler):
+    def __init__(
+        self,
+        pools: Mapping[str, Sequence[int]],
+        weights: Mapping[str, float],
+        *,
+        num_samples: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ):
+        # DistributedSampler.__init__ wants a dataset and a process group; nothing of it is used.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
+        unweighted = sorted(k for k, v in pools.items() if len(v) and k not in weights)
+        if unweighted:
+            raise ValueError(
+                f"data.task_weights: no weight for pool(s) {unweighted}; add them (0 disables a pool explicitly)"
+            )
+        active = {k: float(w) for k, w in weights.items() if w > 0}
+        if any(w < 0 for w in weights.values()) or not active:
+            raise ValueError(
+                f"data.task_weights: weights must be >= 0 with at least one > 0, got {dict(weights)}"
+            )
+        for key in active:
+            if len(pools.get(key, ())) < num_replicas:
+                raise ValueError(
+                    f"data.task_weights: pool '{key}' has weight {active[key]} but {len(pools.get(key, ()))} "
+                    f"record(s); each of the {num_replicas} rank(s) needs at least one"
+                )
+        self.keys = sorted(active)
+        total = sum(active.values())
+        self.probs = np.array([active[k] / total for k in self.keys])
+        self.pools = {k: np.asarray(pools[k], dtype=np.int64) for k in self.keys}
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.num_samples = num_samples or sum(len(v) for v in self.pools.values()) // num_replicas
+        self.total_size = self.num_samples * num_replicas
+        self.shuffle, self.drop_last = True, True
+        self.epoch, self.consumed = 0, 0
+
+    # ------------------------------------------------------------------------------------ stream
+    def pool_choices(self, epoch: int | None = None) -> np.ndarray:
+        """Which pool (index into ``self.keys``) each of this rank's samples comes from."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, self.rank, 0])
+        return rng.choice(len(self.keys), size=self.num_samples, p=self.probs)
+
+    def stream(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's dataset indices for the whole epoch."""
+        epoch = self.epoch if epoch is None else epoch
+        choices = self.pool_choices(epoch)
+        out = np.empty(self.num_samples, dtype=np.int64)
+        for p, key in enumerate(self.keys):
+            slots = np.flatnonzero(choices == p)
+            if not len(slots):
+                continue
+            pool = self.pools[key]
+            split = np.random.default_rng([self.seed, epoch, p, 1]).permutation(len(pool))
+            share = pool[split[self.rank :: self.num_replicas]]  # this rank's disjoint share
+            passes = -(-len(slots) // len(share))
+            order = np.concatenate(
+                [
+                    np.random.default_rng([self.seed, epoch, p, 2, self.rank, k]).permutation(share)
+                    for k in range(passes)
+                ]
+            )
+            out[slots] = order[: len(slots)]
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.stream()[self.consumed :].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    # ------------------------------------------------------------------------------- resumption
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def advance(self, n: int) -> None:
+        """Record that ``n`` more samples reached the training step (called per consumed batch)."""
+        self.consumed += n
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if state["seed"] != self.seed or state["num_samples"] != self.num_samples:
+            raise ValueError(
+                f"sampler state is for seed {state['seed']} / {state['num_samples']} samples per epoch, "
+                f"this run has seed {self.seed} / {self.num_samples}: the data or data.seed changed"
+            )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])

@@ -1,0 +1,100 @@
+"""Check every record before training starts, and report all bad ones at once.
+
+Default (``on_bad_record: error``): stop with one report listing every bad record as
+``file:line: reason``. ``on_bad_record: skip``: drop them and log how many were dropped per reason.
+Nothing is ever silently replaced by another sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from datamodules.images import load_rgb
+from datamodules.records import ManifestError, Problem, Record
+
+log = logging.getLogger(__name__)
+ON_BAD_RECORD = ("error", "skip")
+
+
+def _image_error(path: Path) -> tuple[str, str] | None:
+    if not path.is_file():
+        return "missing file", f"missing file {path}"
+    try:
+        load_rgb(path)
+    except Exception as e:  # noqa: BLE001 — any decoder failure is reported, with the file, never swallowed
+        return "unreadable image", f"unreadable or truncated image {path}: {type(e).__name__}: {e}"
+    return None
+
+
+def _escapes(path: Path, root: Path) -> bool:
+    return not path.resolve().is_relative_to(root.resolve())
+
+
+def check_records(
+    records: Iterable[Record],
+    *,
+    root: Path,
+    max_images: int | None,
+    check_images: bool = True,
+    workers: int | None = None,
+) -> tuple[list[Record], list[Problem]]:
+    """Split records into good ones and problems (paths, reference count, decodable images)."""
+    records = list(records)
+    problems: dict[str, Problem] = {}
+    for rec in records:
+        if max_images is not None and len(rec.references) > max_images:
+            problems[rec.origin] = Problem(
+                rec.origin,
+                "too many references",
+                f"{len(rec.references)} reference images; the model allows {max_images}",
+            )
+            continue
+        outside = [p for p in rec.images if _escapes(p, root)]
+        if outside:
+            problems[rec.origin] = Problem(
+                rec.origin, "path escapes data root", f"path {outside[0]} escapes the data root {root}"
+            )
+    if check_images:
+        unique = sorted({p for rec in records if rec.origin not in problems for p in rec.images})
+        with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+            errors = dict(zip(unique, pool.map(_image_error, unique), strict=True))
+        for rec in records:
+            if rec.origin in problems:
+                continue
+            for p in rec.images:
+                if errors[p] is not None:
+                    kind, detail = errors[p]
+                    problems[rec.origin] = Problem(rec.origin, kind, detail)
+                    break
+    good = [rec for rec in records if rec.origin not in problems]
+    return good, list(problems.values())
+
+
+def resolve_problems(records: list[Record], problems: list[Problem], *, on_bad_record: str) -> list[Record]:
+    """Raise one report of every problem, or (skip mode) log per-reason counts and return the good records."""
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"data.on_bad_record: expected one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+    if not problems:
+        return records
+    if on_bad_record == "error":
+        lines = "\n".join(str(p) for p in problems)
+        raise ManifestError(
+            f"{len(problems)} bad record(s) (set data.on_bad_record: skip to drop them):\n{lines}",
+            problems=problems,
+        )
+    counts = Counter(p.kind for p in problems)
+    log.warning(
+        "skipped %d bad record(s): %s",
+        len(problems),
+        ", ".join(f"{kind}: {n}" for kind, n in counts.most_common()),
+    )
+    for p in problems:
+        log.info("skipped %s", p)
+    if not records:
+        raise ManifestError("no usable records left after skipping the bad ones", problems=problems)
+    return records

@@ -1,0 +1,40 @@
+"""``python -m mige_lightning cache-latents --config …``: encode every image once with the frozen VAE.
+
+Uses the same config as ``fit`` (model + data); writes under ``data.latent_cache``. The data
+module then reads latents from there instead of decoding and encoding images every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from datamodules.datamodule import MIGEDataModule
+from datamodules.latent_cache import build_cache
+from mige_lightning.module import MIGELightningModule
+
+log = logging.getLogger(__name__)
+
+
+def cache_latents(module: MIGELightningModule, datamodule: MIGEDataModule, *, batch_size: int = 16) -> Path:
+    if not datamodule.latent_cache:
+        raise ValueError("data.latent_cache: set the directory the cache should be written to")
+    module.configure_model()
+    module.connect_datamodule(datamodule)
+    datamodule.prepare_data()
+    records = datamodule.validated_records()
+    t = datamodule.transforms
+    autoencoder = module.model.autoencoder
+    directory = build_cache(
+        records,
+        datamodule.latent_cache,
+        encode_moments=autoencoder.encode_moments,
+        vae_identity=autoencoder.identity(),
+        vae_transform=t.vae,
+        vit_transform=t.vit_resize,
+        resolution=t.resolution,
+        vision_resolution=t.vision_resolution,
+        batch_size=batch_size,
+    )
+    print(f"latent cache written: {directory} ({len(records)} records)")
+    return directory

@@ -1,0 +1,186 @@
+"""Manifest reading and validation: the authors' field names, and every bad-record kind as file:line: reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.datamodule import MIGEDataModule
+from datamodules.images import load_rgb, to_rgb
+from datamodules.records import ManifestError, read_manifest
+from mige_lightning.prompt import Task
+
+
+def _img(path, colour=(10, 20, 30), size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path)
+    return path.name
+
+
+def test_authors_json_list_loads_unchanged_with_task_from_config(tmp_path):
+    for n in ("t.png", "s.png", "a.png"):
+        _img(tmp_path / n)
+    # exactly the authors' field names (and their capitalised placeholder)
+    (tmp_path / "edit.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": "t.png",
+                    "multi_prompt": "make <ImageHere> blue",
+                    "entity_path": ["s.png"],
+                    "source_path": ["s.png"],
+                    "width": 8,
+                    "height": 8,
+                },
+                {
+                    "image": "t.png",
+                    "multi_prompt": "put <imagehere> in <imagehere>",
+                    "entity_path": ["a.png", "s.png"],
+                    "source_path": ["s.png"],
+                },
+            ],
+            indent=1,
+        )
+    )
+    recs, problems = read_manifest(tmp_path / "edit.json", task="edit")
+    assert problems == []
+    assert [r.task for r in recs] == [Task.EDIT, Task.EDIT]
+    assert (
+        recs[1].references == (tmp_path / "a.png", tmp_path / "s.png")
+        and recs[0].source == tmp_path / "s.png"
+    )
+    starts = [
+        i for i, line in enumerate((tmp_path / "edit.json").read_text().splitlines(), 1) if line == " {"
+    ]
+    assert [r.origin for r in recs] == [
+        f"{tmp_path / 'edit.json'}:{n}" for n in starts
+    ]  # each object's first line
+
+
+def test_subtask_from_record_or_manifest(tmp_path):
+    line = {
+        "image": "t.png",
+        "multi_prompt": "add <imagehere> to <imagehere>",
+        "entity_path": ["a.png", "s.png"],
+        "source_path": ["s.png"],
+    }
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({**line, "subtask": "add"}) + "\n")
+    recs, _ = read_manifest(tmp_path / "m.jsonl", task="subject_edit", subtask="replace")
+    assert [r.pool for r in recs] == ["subject_edit/replace", "subject_edit/add"]
+
+
+GOOD = {"image": "t.png", "multi_prompt": "a <imagehere>", "entity_path": ["r.png"], "task": "subject"}
+
+
+def _bad_cases(tmp_path):
+    """(manifest line, expected reason) for every bad-record kind the issue names."""
+    _img(tmp_path / "t.png")
+    _img(tmp_path / "r.png")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(big)
+    (tmp_path / "trunc.png").write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path.parent / "outside.png").write_bytes((tmp_path / "t.png").read_bytes())
+    return [
+        ({**GOOD, "image": "missing.png"}, "missing file"),
+        ({**GOOD, "image": "trunc.png"}, "unreadable or truncated image"),
+        ({**GOOD, "image": "text.png"}, "unreadable or truncated image"),
+        (
+            {**GOOD, "multi_prompt": "a <imagehere> and <imagehere>"},
+            "2 <imagehere> placeholder(s) but 1 image(s)",
+        ),
+        ({**GOOD, "task": "paint"}, "unknown task 'paint'"),
+        ({**GOOD, "image": "../outside.png"}, "escapes the data root"),
+        (
+            {**GOOD, "multi_prompt": "<imagehere>" * 5, "entity_path": ["r.png"] * 5},
+            "5 reference images; the model allows 4",
+        ),
+        (None, "malformed JSON line"),
+    ]
+
+
+def test_every_bad_record_kind_is_reported_at_once_as_file_line_reason(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = _bad_cases(data)
+    lines = [json.dumps(GOOD)] + [json.dumps(c) if c is not None else '{"image": "t.png",' for c, _ in cases]
+    manifest = data / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    dm = MIGEDataModule(
+        [{"path": str(manifest)}],
+        resolution=8,
+        vision_resolution=8,
+        vision_mean=(0.5,) * 3,
+        vision_std=(0.5,) * 3,
+    )
+    dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
+    with pytest.raises(ManifestError) as err:
+        dm.validated_records()
+    report = str(err.value)
+    assert report.startswith(f"{len(cases)} bad record(s)")
+    for lineno, (_, reason) in enumerate(cases, start=2):
+        line = next(x for x in report.splitlines() if x.startswith(f"{manifest}:{lineno}: "))
+        assert reason in line, (lineno, line)
+    assert f"{manifest}:1:" not in report  # the good record is not reported
+
+
+def test_skip_mode_drops_bad_records_and_logs_counts_per_reason(tmp_path, caplog):
+    _img(tmp_path / "t.png")
+    _img(tmp_path / "r.png")
+    bad = [{**GOOD, "image": "missing.png"}, {**GOOD, "image": "missing2.png"}, {**GOOD, "task": "paint"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in [GOOD, *bad]) + "\n")
+    dm = MIGEDataModule([{"path": str(tmp_path / "m.jsonl")}], on_bad_record="skip")
+    dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
+    with caplog.at_level(logging.WARNING):
+        records = dm.validated_records()
+    assert [r.origin for r in records] == [f"{tmp_path / 'm.jsonl'}:1"]
+    assert "skipped 3 bad record(s): missing file: 2, unknown task: 1" in caplog.text
+
+
+def test_empty_manifest_and_malformed_json_list_are_reported(tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    _, problems = read_manifest(tmp_path / "empty.json", task="edit")
+    assert [str(p) for p in problems] == [f"{tmp_path / 'empty.json'}:1: manifest holds no records"]
+    (tmp_path / "bad.json").write_text('[\n {"image": "a"},\n {"image": \n]')
+    _, problems = read_manifest(tmp_path / "bad.json", task="edit")
+    assert str(problems[0]).startswith(f"{tmp_path / 'bad.json'}:4: malformed JSON")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16"])
+def test_every_image_mode_converts_correctly_to_rgb(tmp_path, mode):
+    if mode == "RGBA":
+        img = Image.new("RGBA", (4, 4), (200, 10, 10, 0))  # fully transparent red → white
+        img.putpixel((0, 0), (200, 10, 10, 255))
+        expected = {(0, 0): (200, 10, 10), (1, 1): (255, 255, 255)}
+    elif mode == "LA":
+        img = Image.new("LA", (4, 4), (0, 0))
+        img.putpixel((0, 0), (60, 255))
+        expected = {(0, 0): (60, 60, 60), (1, 1): (255, 255, 255)}
+    elif mode == "L":
+        img = Image.new("L", (4, 4), 77)
+        expected = {(1, 1): (77, 77, 77)}
+    elif mode == "P":
+        img = Image.new("P", (4, 4), 1)
+        img.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+        img.info["transparency"] = 0
+        img.putpixel((0, 0), 0)
+        expected = {(1, 1): (10, 200, 30), (0, 0): (255, 255, 255)}
+    elif mode == "CMYK":
+        img = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+        expected = {(1, 1): (255, 0, 0)}
+    else:
+        img = Image.fromarray(
+            np.full((4, 4), 39321, dtype=np.uint16)
+        )  # 60 % grey in 16 bits (naive convert: 255)
+        assert img.mode.startswith("I;16") or img.mode == "I"
+        expected = {(1, 1): (153, 153, 153)}
+    path = tmp_path / f"img.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    img.save(path)
+    for loaded in (load_rgb(path), to_rgb(img)):
+        assert loaded.mode == "RGB"
+        for xy, rgb in expected.items():
+            assert loaded.getpixel(xy) == rgb, (mode, xy, loaded.getpixel(xy))
