@@ -7,7 +7,7 @@ CONFIG  ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench clean
+.PHONY: help install demo test test-fast lint format bench bench-data clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 bench: $(STAMP) ## train-step time and peak memory (tiny + mid presets, CPU)
 	$(BIN)/python bench/train_step.py
+
+bench-data: $(STAMP) ## data-loading samples/s at 512 px with and without the latent cache (~4 min)
+	$(BIN)/python bench/dataloader.py
 
 clean: ## remove runs, generated demo data and caches (keeps .venv)
 	rm -rf runs data/demo .pytest_cache .ruff_cache
