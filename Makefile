@@ -7,7 +7,7 @@ CONFIG  ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-data clean
+.PHONY: help install demo predict-demo test test-fast lint format bench bench-data bench-sample clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -22,6 +22,11 @@ install: $(STAMP) ## create .venv and install the package with its dev extras
 
 demo: $(STAMP) ## train the tiny preset on CPU on generated data (configs/demo.yaml)
 	$(BIN)/python -m mige_lightning fit --config $(CONFIG)
+
+predict-demo: $(STAMP) ## sample the held-out requests with the newest demo checkpoint → predictions/demo/
+	@ckpt=$$(ls -td runs/demo/version_*/checkpoints/last.ckpt 2>/dev/null | head -1); \
+	test -n "$$ckpt" || { echo "no demo checkpoint under runs/demo: run 'make demo' first"; exit 1; }; \
+	$(BIN)/python -m mige_lightning predict --config $(CONFIG) --config configs/predict/demo.yaml --ckpt_path $$ckpt
 
 test: $(STAMP) ## run the whole test suite (slow tests included, as CI does)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -43,5 +48,8 @@ bench: $(STAMP) ## train-step time and peak memory (tiny + mid presets, CPU)
 bench-data: $(STAMP) ## data-loading samples/s at 512 px with and without the latent cache (~4 min)
 	$(BIN)/python bench/dataloader.py
 
+bench-sample: $(STAMP) ## seconds per image per task (tiny, mid) and guidance overhead, CPU
+	$(BIN)/python bench/sample.py
+
 clean: ## remove runs, generated demo data and caches (keeps .venv)
-	rm -rf runs data/demo .pytest_cache .ruff_cache
+	rm -rf runs data/demo predictions .pytest_cache .ruff_cache

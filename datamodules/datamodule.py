@@ -14,11 +14,13 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.dataset import MIGEDataset, Transforms, collate
+from datamodules.dataset import MIGEDataset, collate
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
+from datamodules.requests import RequestDataset, collate_requests, read_requests
 from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler
 from datamodules.validation import check_records, resolve_problems
+from mige_lightning.transforms import Transforms
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class MIGEDataModule(L.LightningDataModule):
     on_bad_record: ``error`` (one report of every bad record) or ``skip`` (drop, log counts).
     check_images: decode every image during validation (catches truncated files up front).
     latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
+    predict_requests: JSONL request file for ``predict`` (``datamodules/requests.py``); bad requests
+        are reported with their line and skipped.
     """
 
     def __init__(
@@ -67,14 +71,16 @@ class MIGEDataModule(L.LightningDataModule):
         on_bad_record: str = "error",
         check_images: bool = True,
         latent_cache: str | None = None,
+        predict_requests: str | None = None,
+        predict_batch_size: int = 4,
         resolution: int | None = None,
         vision_resolution: int | None = None,
         vision_mean: tuple[float, float, float] | None = None,
         vision_std: tuple[float, float, float] | None = None,
     ):
         super().__init__()
-        if not manifests and not synthetic:
-            raise ValueError("data: give `manifests` or `synthetic`")
+        if not manifests and not synthetic and not predict_requests:
+            raise ValueError("data: give `manifests`, `synthetic` or `predict_requests`")
         self.manifests = list(manifests or [])
         self.synthetic = dict(synthetic) if synthetic else None
         self.root = root
@@ -86,6 +92,8 @@ class MIGEDataModule(L.LightningDataModule):
         self.on_bad_record = on_bad_record
         self.check_images = check_images
         self.latent_cache = latent_cache
+        self.predict_requests = predict_requests
+        self.predict_batch_size = predict_batch_size
         self.resolution = resolution
         self.vision_resolution = vision_resolution
         self.vision_mean = vision_mean
@@ -144,8 +152,8 @@ class MIGEDataModule(L.LightningDataModule):
                 generate(root, **spec)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.records or self._parse_problems:
-            return
+        if stage == "predict" or self.records or self._parse_problems:
+            return  # predict reads only its request file
         for spec in self.manifest_specs():
             records, problems = read_manifest(
                 spec["path"], task=spec.get("task"), subtask=spec.get("subtask")
@@ -223,6 +231,23 @@ class MIGEDataModule(L.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             drop_last=True,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.predict_requests:
+            raise ValueError("data.predict_requests: give the JSONL request file to predict from")
+        requests, problems = read_requests(self.predict_requests)
+        for p in problems:
+            log.error("skipping request %s", p)
+        if problems:
+            log.warning("skipped %d bad request(s) of %d", len(problems), len(problems) + len(requests))
+        if not requests:
+            raise ManifestError(f"{self.predict_requests}: no valid request to run", problems=problems)
+        return DataLoader(
+            RequestDataset(requests),
+            batch_size=self.predict_batch_size,
+            collate_fn=collate_requests,
+            num_workers=self.num_workers,
         )
 
     # ---------------------------------------------------------------------------- resumption

@@ -213,12 +213,31 @@ def generate(
         for task, filename in TASK_FILES.items():
             (root / f"{split}_{filename}").write_text(json.dumps(world.records[task], indent=1))
         specs[split] = manifest_specs(root, split)
+    _write_requests(root, specs["heldout"])
     (root / "world.json").write_text(
         json.dumps(
             {"num_samples": num_samples, "size": size, "seed": seed, "heldout_fraction": heldout_fraction}
         )
     )
     return specs
+
+
+def _write_requests(root: Path, heldout: list[dict[str, str]]) -> None:
+    """``heldout_requests.jsonl``: the held-out split as a ``predict`` request file (all tasks)."""
+    lines = []
+    for spec in heldout:
+        for i, rec in enumerate(json.loads(Path(spec["path"]).read_text())):
+            req = {
+                "id": f"{spec['task']}_{i:03d}",
+                "task": spec["task"],
+                "instruction": rec["multi_prompt"],
+                "images": rec["entity_path"],
+                "target": rec["image"],
+            }
+            if rec["source_path"]:
+                req["source"] = rec["source_path"][0]
+            lines.append(json.dumps(req))
+    (root / "heldout_requests.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def manifest_specs(root: str | Path, split: str = "train") -> list[dict[str, str]]:

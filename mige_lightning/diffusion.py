@@ -149,3 +149,26 @@ class GaussianDiffusion(nn.Module):
         ) / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+# ------------------------------------------------------------------------------------ guidance
+def cfg_2way(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """``e(∅) + s_y · (e(c) − e(∅))`` (subject-driven generation, SPEC §4)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def cfg_3way(
+    eps_null_zero: torch.Tensor,
+    eps_null_src: torch.Tensor,
+    eps_cond_src: torch.Tensor,
+    *,
+    text_scale: float,
+    image_scale: float,
+) -> torch.Tensor:
+    """InstructPix2Pix form (editing, SPEC §4), with e(condition, conditional input):
+    ``e(∅, 0) + s_s · (e(∅, src) − e(∅, 0)) + s_y · (e(c, src) − e(∅, src))``."""
+    return (
+        eps_null_zero
+        + image_scale * (eps_null_src - eps_null_zero)
+        + text_scale * (eps_cond_src - eps_null_src)
+    )

@@ -6,6 +6,7 @@ Logged keys: ``train/loss``, ``train/loss_<task>``, ``train/mse``, ``train/vb`` 
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -16,7 +17,10 @@ from transformers import get_constant_schedule_with_warmup
 from mige_lightning.condition_dropout import draw_condition_dropout
 from mige_lightning.diffusion import GaussianDiffusion
 from mige_lightning.models import MIGE, build_mige, get_config
+from mige_lightning.pipeline import MIGEPipeline, make_scheduler
 from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt
+
+log = logging.getLogger(__name__)
 
 # The frozen ViT and VAE are in eval mode on purpose (paper §3.3); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -30,6 +34,9 @@ class MIGELightningModule(L.LightningModule):
     lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up then constant (SPEC §3).
     p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance (SPEC §3).
     gradient_checkpointing: recompute DiT / T5 activations in the backward pass.
+    sampler: ``dpm++`` (DPM-Solver++ 2M), ``ddim`` or ``euler`` for ``predict`` / validation sampling.
+    sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).
+    predict_seed: base seed; a request without its own seed uses base + its index in the file.
     """
 
     def __init__(
@@ -49,6 +56,9 @@ class MIGELightningModule(L.LightningModule):
         p_drop_input: float = 0.05,
         p_drop_both: float = 0.05,
         gradient_checkpointing: bool = False,
+        sampler: str = "dpm++",
+        sample_with_ema: bool = True,
+        predict_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -58,6 +68,7 @@ class MIGELightningModule(L.LightningModule):
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule
         )
         self.model: MIGE | None = None
+        self._ema_weights: dict[str, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -181,8 +192,77 @@ class MIGELightningModule(L.LightningModule):
         checkpoint["mige"] = {"prompt_version": PROMPT_VERSION, "config": self.config.to_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._ema_weights = checkpoint.get("ema")
         saved = checkpoint.get("mige", {}).get("prompt_version", PROMPT_VERSION)
         if saved != PROMPT_VERSION:
             raise ValueError(
                 f"checkpoint was trained with prompt version {saved}, this code builds version {PROMPT_VERSION}"
             )
+
+    # ----------------------------------------------------------------------------------- sampling
+    def pipeline(self, scheduler: str | None = None) -> MIGEPipeline:
+        """The inference pipeline over this module's networks (no copies)."""
+        return MIGEPipeline.from_mige(
+            self.model,
+            resolution=self.config.resolution,
+            vision_mean=self.config.vision_mean,
+            vision_std=self.config.vision_std,
+            scheduler=make_scheduler(
+                scheduler or self.hparams.sampler,
+                num_train_timesteps=self.hparams.num_train_timesteps,
+                beta_schedule=self.hparams.beta_schedule,
+            ),
+        )
+
+    def use_ema_weights(self) -> bool:
+        """Copy the checkpoint's EMA weights into the model; False when there are none."""
+        if not self._ema_weights:
+            return False
+        params = dict(self.named_parameters())
+        missing = [n for n in self._ema_weights if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint EMA has weights the model lacks: {missing[:3]}")
+        with torch.no_grad():
+            for name, value in self._ema_weights.items():
+                params[name].copy_(value)
+        return True
+
+    def on_predict_start(self) -> None:
+        self._sampling_with_ema = bool(self.hparams.sample_with_ema and self.use_ema_weights())
+        if self._sampling_with_ema:
+            log.info("sampling with the checkpoint's EMA weights")
+        self._pipe = self.pipeline()
+        self._pipe.set_progress_bar_config(disable=True)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """Requests → generated images; requests that share settings run as one batch."""
+        groups: dict[tuple, list[dict]] = {}
+        for item in batch:
+            r = item["request"]
+            key = (
+                r["task"],
+                r.get("num_inference_steps"),
+                r.get("guidance_scale"),
+                r.get("image_guidance_scale"),
+                r.get("resize_to_source", False),
+            )
+            groups.setdefault(key, []).append(item)
+        results = []
+        for (task, steps, s_y, s_s, resize), items in groups.items():
+            requests = [it["request"] for it in items]
+            out = self._pipe(
+                [r["instruction"] for r in requests],
+                task=task,
+                images=[it["images"] for it in items],
+                source=[it["source"] for it in items],
+                num_inference_steps=steps,
+                guidance_scale=s_y,
+                image_guidance_scale=s_s,
+                seeds=[r.get("seed", self.hparams.predict_seed + r["index"]) for r in requests],
+                resize_to_source=resize,
+            )
+            for r, image, settings in zip(requests, out.images, out.settings, strict=True):
+                results.append(
+                    {"request": r, "image": image, "settings": {**settings, "ema": self._sampling_with_ema}}
+                )
+        return results

@@ -14,7 +14,8 @@ from mige_lightning.cli import main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 OVERLAYS = [p for p in CONFIGS if p.parent.name == "debug"]
-MAIN_CONFIGS = [p for p in CONFIGS if p not in OVERLAYS]
+PREDICT_OVERLAYS = [p for p in CONFIGS if p.parent.name == "predict"]  # exercised in test_predict.py
+MAIN_CONFIGS = [p for p in CONFIGS if p not in OVERLAYS + PREDICT_OVERLAYS]
 CPU_STEP = [
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",

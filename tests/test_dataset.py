@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.dataset import MIGEDataset, Transforms, collate
+from datamodules.dataset import MIGEDataset, collate
 from datamodules.records import read_manifest
 from datamodules.synthetic import generate
+from mige_lightning.transforms import Transforms
 
 
 def test_vae_path_resizes_short_side_then_center_crops_and_vit_path_squashes(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerModel, Blip2VisionModel, PreTrainedTokenizerBase, T5EncoderModel
 
-from mige_lightning.models.fusion import FeatureFusion
+from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.prompt import split_placeholders
 
 
@@ -31,9 +31,7 @@ class MultimodalEncoder(nn.Module):
         *,
         vision: Blip2VisionModel,
         qformer: Blip2QFormerModel,
-        query_tokens: torch.Tensor,
-        fusion: FeatureFusion,
-        projection: nn.Linear,
+        adapter: ConditionAdapter,
         t5: T5EncoderModel,
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
@@ -41,9 +39,7 @@ class MultimodalEncoder(nn.Module):
         super().__init__()
         self.vision = vision.requires_grad_(False).eval()  # frozen (paper §3.3)
         self.qformer = qformer
-        self.query_tokens = nn.Parameter(query_tokens.detach().clone())  # [1, Q, Dq]
-        self.fusion = fusion
-        self.projection = projection
+        self.adapter = adapter  # learned queries, fusion, projection, null condition
         self.t5 = t5
         self.tokenizer = tokenizer  # not a module: no parameters, not sharded
         self.max_length = max_length
@@ -52,6 +48,18 @@ class MultimodalEncoder(nn.Module):
         super().train(mode)
         self.vision.eval()  # frozen ViT stays in eval mode (no dropout / stochastic depth)
         return self
+
+    @property
+    def query_tokens(self) -> nn.Parameter:
+        return self.adapter.query_tokens
+
+    @property
+    def fusion(self) -> nn.Module:
+        return self.adapter.fusion
+
+    @property
+    def projection(self) -> nn.Linear:
+        return self.adapter.projection
 
     @property
     def num_query_tokens(self) -> int:
@@ -66,11 +74,20 @@ class MultimodalEncoder(nn.Module):
         fused = self.fusion(semantic, visual_tokens)  # [N, Q, Dq]
         return self.projection(fused)  # [N, Q, D_t5]
 
-    def interleave(self, prompts: list[str], image_tokens: torch.Tensor, counts: list[int]) -> Interleaved:
+    def interleave(
+        self,
+        prompts: list[str],
+        image_tokens: torch.Tensor,
+        counts: list[int],
+        *,
+        pad_to_max_length: bool = False,
+    ) -> Interleaved:
         """Text embeddings with each placeholder replaced by its image's tokens, then EOS.
 
         ``image_tokens`` holds the real images of all samples in order ([N, Q, D], N = sum(counts)).
-        Over-long text is cut from the end; image tokens and EOS are never cut.
+        Over-long text is cut from the end; image tokens and EOS are never cut. ``pad_to_max_length``
+        makes the shape independent of the other prompts in the batch (the sampler's choice, so a
+        sample's result does not depend on what it is batched with).
         """
         if len(prompts) != len(counts):
             raise ValueError(f"{len(prompts)} prompts but {len(counts)} image counts")
@@ -128,7 +145,7 @@ class MultimodalEncoder(nn.Module):
             parts.append(eos)
             rows.append(torch.cat(parts))
             starts.append(sample_starts)
-        width = max(r.shape[0] for r in rows)
+        width = self.max_length if pad_to_max_length else max(r.shape[0] for r in rows)
         embeds = text.new_zeros(len(rows), width, text.shape[-1])
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         for b, row in enumerate(rows):
@@ -143,6 +160,7 @@ class MultimodalEncoder(nn.Module):
         pixels: torch.Tensor,
         visual_tokens: torch.Tensor,
         counts: list[int],
+        pad_to_max_length: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (B), real images only (pixels [N, 3, Hv, Wv], visual_tokens [N, L, Dv]),
         counts[b] = images of sample b → hidden states [B, T, D_t5] and mask [B, T]."""
@@ -152,6 +170,6 @@ class MultimodalEncoder(nn.Module):
             tokens = self.image_tokens(pixels, visual_tokens)
         else:  # no image in the whole batch: skip the ViT / Q-Former entirely
             tokens = self.projection.weight.new_zeros(0, self.num_query_tokens, self.projection.out_features)
-        inputs = self.interleave(prompts, tokens, counts)
+        inputs = self.interleave(prompts, tokens, counts, pad_to_max_length=pad_to_max_length)
         hidden = self.t5(inputs_embeds=inputs.embeds, attention_mask=inputs.mask).last_hidden_state
         return hidden, inputs.mask

@@ -6,8 +6,6 @@ The module knows nothing of Lightning, losses or data files; guidance belongs to
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import PixArtTransformer2DModel
 from torch import nn
@@ -20,10 +18,10 @@ from transformers import (
     T5EncoderModel,
 )
 
+from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder, build_autoencoder
 from mige_lightning.models.dit import build_dit, patch_tokens
 from mige_lightning.models.encoder import MultimodalEncoder
-from mige_lightning.models.fusion import FeatureFusion
 from mige_lightning.models.loading import (
     BYTE_TOKENIZER,
     load_blip2_parts,
@@ -41,15 +39,17 @@ class MIGE(nn.Module):
         encoder: MultimodalEncoder,
         dit: PixArtTransformer2DModel,
         autoencoder: KLAutoencoder | PixelAutoencoder,
-        null_condition: torch.Tensor,
     ):
         super().__init__()
         self.encoder = encoder
         self.dit = dit
         self.autoencoder = autoencoder
-        # PixArt's fixed null caption (y_embedding): replaces the encoder *output* when the
-        # condition is dropped, which is what classifier-free guidance samples against.
-        self.register_buffer("null_condition", null_condition.detach().clone())  # [L, D]
+
+    @property
+    def null_condition(self) -> torch.Tensor:
+        """PixArt's fixed null caption (y_embedding), [L, D]: replaces the encoder *output* when the
+        condition is dropped, which is what classifier-free guidance samples against."""
+        return self.encoder.adapter.null_condition
 
     @property
     def latent_channels(self) -> int:
@@ -63,6 +63,7 @@ class MIGE(nn.Module):
         ref_latents: torch.Tensor,
         ref_mask: torch.Tensor,
         drop: torch.Tensor | None = None,
+        pad_to_max_length: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition vectors for a batch.
 
@@ -88,7 +89,11 @@ class MIGE(nn.Module):
         latents = ref_latents[keep.repeat_interleave(ref_mask.sum(1))]  # [N', C, h, w]
         visual = patch_tokens(self.dit, latents) if latents.shape[0] else latents.new_zeros(0, 1, 1)
         hidden, hidden_mask = self.encoder(
-            [prompts[i] for i in kept], pixels=pixels, visual_tokens=visual, counts=mask.sum(1).tolist()
+            [prompts[i] for i in kept],
+            pixels=pixels,
+            visual_tokens=visual,
+            counts=mask.sum(1).tolist(),
+            pad_to_max_length=pad_to_max_length,
         )
         if len(kept) == batch:
             return hidden, hidden_mask
@@ -146,26 +151,16 @@ def build_mige(config: MIGEConfig) -> MIGE:
     d_text = t5.config.d_model
 
     # 2. image side: BLIP-2 vision tower, Q-Former, query tokens, language projection
-    projection_state = None
+    pretrained_parts = None
     if src.blip2 is not None:
-        parts = load_blip2_parts(src.blip2)
-        vision, qformer, query_tokens = parts.vision, parts.qformer, parts.query_tokens
-        projection_state = parts.language_projection or None
+        pretrained_parts = load_blip2_parts(src.blip2)
+        vision, qformer = pretrained_parts.vision, pretrained_parts.qformer
+        num_queries = pretrained_parts.query_tokens.shape[1]
     else:
         vision = Blip2VisionModel(Blip2VisionConfig(**config.vision))
         qformer_kwargs = {"encoder_hidden_size": vision.config.hidden_size, **config.qformer}
         qformer = Blip2QFormerModel(Blip2QFormerConfig(**qformer_kwargs))
-        width = qformer.config.hidden_size
-        query_tokens = torch.randn(1, config.num_query_tokens, width) * qformer.config.initializer_range
-    d_query = qformer.config.hidden_size
-    projection = nn.Linear(d_query, d_text)
-    if projection_state is not None:
-        if projection_state["weight"].shape != projection.weight.shape:
-            raise ValueError(
-                f"model.pretrained.blip2: language_projection is {tuple(projection_state['weight'].shape)}, "
-                f"but Q-Former → T5 needs {tuple(projection.weight.shape)}; use a BLIP-2 built on the same LLM width"
-            )
-        projection.load_state_dict(projection_state)
+        num_queries = config.num_query_tokens
 
     # 3. frozen autoencoder, then the DiT whose channels and sample size follow from it
     autoencoder = build_autoencoder(config.vae, source=src.vae, subfolder=src.vae_subfolder)
@@ -179,29 +174,46 @@ def build_mige(config: MIGEConfig) -> MIGE:
         source=src.dit,
         subfolder=src.dit_subfolder,
     )
-    fusion = FeatureFusion(
-        d_query, dit.config.num_attention_heads * dit.config.attention_head_dim, **config.fusion
-    )
 
-    # 4. the null caption embedding (PixArt-style fixed random vectors unless a file is given)
-    if src.null_embedding is not None:
-        null = load_tensor_file(src.null_embedding)
-        if null.ndim == 3:
-            null = null[0]
-        if null.shape[-1] != d_text:
-            raise ValueError(f"model.pretrained.null_embedding: width {null.shape[-1]} != T5 width {d_text}")
-    else:
-        gen = torch.Generator().manual_seed(0)
-        null = torch.randn(config.max_length, d_text, generator=gen) / math.sqrt(d_text)
+    # 4. what MIGE adds: queries, fusion, projection, null condition
+    adapter = ConditionAdapter(
+        num_query_tokens=num_queries,
+        query_dim=qformer.config.hidden_size,
+        visual_dim=dit.config.num_attention_heads * dit.config.attention_head_dim,
+        text_dim=d_text,
+        num_heads=config.fusion.get("num_heads", 8),
+        null_length=config.max_length,
+        init_std=qformer.config.initializer_range,
+    )
+    with torch.no_grad():
+        if pretrained_parts is not None:
+            adapter.query_tokens.copy_(pretrained_parts.query_tokens)
+            projection_state = pretrained_parts.language_projection
+            if projection_state:
+                if projection_state["weight"].shape != adapter.projection.weight.shape:
+                    raise ValueError(
+                        f"model.pretrained.blip2: language_projection is {tuple(projection_state['weight'].shape)}, "
+                        f"but Q-Former → T5 needs {tuple(adapter.projection.weight.shape)}; "
+                        "use a BLIP-2 built on the same LLM width"
+                    )
+                adapter.projection.load_state_dict(projection_state)
+        if src.null_embedding is not None:
+            null = load_tensor_file(src.null_embedding)
+            if null.ndim == 3:
+                null = null[0]
+            if null.shape[-1] != d_text:
+                raise ValueError(
+                    f"model.pretrained.null_embedding: width {null.shape[-1]} != T5 width {d_text}"
+                )
+            adapter.null_condition = null.float().clone()
+            adapter.register_to_config(null_length=null.shape[0])
 
     encoder = MultimodalEncoder(
         vision=vision,
         qformer=qformer,
-        query_tokens=query_tokens,
-        fusion=fusion,
-        projection=projection,
+        adapter=adapter,
         t5=t5,
         tokenizer=tokenizer,
         max_length=config.max_length,
     )
-    return MIGE(encoder=encoder, dit=dit, autoencoder=autoencoder, null_condition=null.float())
+    return MIGE(encoder=encoder, dit=dit, autoencoder=autoencoder)

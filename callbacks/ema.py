@@ -1,0 +1,85 @@
+"""EMA of the trainable weights, saved in checkpoints and used for sampling.
+
+Logged keys: none. Checkpoint keys: ``checkpoint["ema"]`` (parameter name → EMA tensor, read by
+``MIGELightningModule`` to sample with EMA weights) and this callback's own state (for resume).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+
+
+class EMA(L.Callback):
+    """Args:
+    decay: EMA decay per update.
+    update_every: update every N optimiser steps.
+    warmup: use ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by init.
+    """
+
+    def __init__(self, decay: float = 0.9999, *, update_every: int = 1, warmup: bool = True):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay, self.update_every, self.warmup = decay, update_every, warmup
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.num_updates = 0
+
+    @staticmethod
+    def _trainable(pl_module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = self._trainable(pl_module)
+        if not self.shadow:
+            self.shadow = {n: p.detach().clone() for n, p in params.items()}
+        elif self.shadow.keys() != params.keys():
+            raise ValueError("EMA state does not match the model's trainable parameters (different model?)")
+        else:
+            self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.update_every:
+            return
+        decay = self.current_decay()
+        params = self._trainable(pl_module)
+        names = list(self.shadow)
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - decay
+        )
+        self.num_updates += 1
+
+    @contextmanager
+    def swapped_in(self, pl_module):
+        """Temporarily put the EMA weights into the model (e.g. for validation sampling)."""
+        params = self._trainable(pl_module)
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["ema"] = {n: t.detach().cpu() for n, t in self.shadow.items()}
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if "ema" in checkpoint:
+            self.shadow = {n: t.clone() for n, t in checkpoint["ema"].items()}

@@ -1,0 +1,144 @@
+"""Prediction requests: one JSON object per line.
+
+Fields: ``id``, ``task``, ``instruction`` (with ``<imagehere>`` placeholders), ``images`` (paths
+filling them, in order), ``source`` (path; edit / subject_edit), and optionally ``seed``,
+``guidance_scale``, ``image_guidance_scale``, ``num_inference_steps``, ``resize_to_source``.
+Relative paths resolve against the request file's folder. A bad request is reported with its
+line and skipped; the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from datamodules.images import load_rgb
+from datamodules.records import Problem
+from mige_lightning.prompt import Task, count_placeholders
+
+log = logging.getLogger(__name__)
+OPTIONAL_NUMBERS = {
+    "seed": int,
+    "guidance_scale": float,
+    "image_guidance_scale": float,
+    "num_inference_steps": int,
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    task: Task
+    instruction: str
+    images: tuple[Path, ...]
+    source: Path | None
+    origin: str
+    index: int  # position among the file's good requests: the default seed offset
+    options: tuple[tuple[str, Any], ...] = ()  # seed / scales / steps / resize_to_source, when given
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+
+def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
+    if not isinstance(obj, dict):
+        return {}, f"expected a JSON object, got {type(obj).__name__}"
+    if not obj.get("instruction"):
+        return {}, "missing field 'instruction'"
+    try:
+        task = Task.parse(obj.get("task"))
+    except ValueError as e:
+        return {}, str(e)
+    images = tuple(base / p for p in obj.get("images") or [])
+    n = count_placeholders(obj["instruction"])
+    if n != len(images):
+        return {}, f"{n} <imagehere> placeholder(s) but {len(images)} image(s)"
+    source = base / obj["source"] if obj.get("source") else None
+    if task.uses_source and source is None:
+        return {}, f"task '{task.value}' needs a 'source'"
+    for path in (*images, *((source,) if source else ())):
+        if not path.is_file():
+            return {}, f"missing image {path}"
+        try:
+            load_rgb(path)
+        except Exception as e:  # noqa: BLE001 — reported with the line, never swallowed
+            return {}, f"unreadable image {path}: {type(e).__name__}: {e}"
+    options = {}
+    for name, kind in OPTIONAL_NUMBERS.items():
+        if obj.get(name) is not None:
+            try:
+                options[name] = kind(obj[name])
+            except (TypeError, ValueError):
+                return {}, f"'{name}' must be a number, got {obj[name]!r}"
+    if "resize_to_source" in obj:
+        options["resize_to_source"] = bool(obj["resize_to_source"])
+    fields = dict(
+        task=task,
+        instruction=obj["instruction"],
+        images=images,
+        source=source,
+        options=tuple(options.items()),
+    )
+    return fields, None
+
+
+def read_requests(path: str | Path) -> tuple[list[Request], list[Problem]]:
+    path = Path(path)
+    if not path.is_file():
+        return [], [Problem(f"{path}:0", "missing file", "request file does not exist")]
+    requests, problems, ids = [], [], set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        origin = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(origin, "malformed JSON", f"malformed JSON line: {e.msg}"))
+            continue
+        fields, error = _parse(obj, origin=origin, base=path.parent)
+        rid = str(obj.get("id", f"line{lineno}")) if isinstance(obj, dict) else None
+        if error is None and rid in ids:
+            error = f"duplicate id {rid!r}"
+        if error is not None:
+            problems.append(Problem(origin, "bad request", error))
+            continue
+        ids.add(rid)
+        requests.append(Request(id=rid, origin=origin, index=len(requests), **fields))
+    return requests, problems
+
+
+class RequestDataset(Dataset):
+    def __init__(self, requests: list[Request]):
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.requests[i]
+        # a plain dict: Lightning's batch transfer rejects frozen dataclasses
+        request = {
+            "id": r.id,
+            "task": r.task.value,
+            "instruction": r.instruction,
+            "images": [str(p) for p in r.images],
+            "source": str(r.source) if r.source else None,
+            "origin": r.origin,
+            "index": r.index,
+            **dict(r.options),
+        }
+        return {
+            "request": request,
+            "images": [load_rgb(p) for p in r.images],
+            "source": load_rgb(r.source) if r.source else None,
+        }
+
+
+def collate_requests(items: list[dict]) -> list[dict]:
+    return items

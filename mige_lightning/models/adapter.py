@@ -1,0 +1,39 @@
+"""What MIGE adds between its pretrained parts, as one savable diffusers model.
+
+Learned Q-Former queries, the feature fusion, the projection into T5's embedding space and the
+fixed null condition (PixArt's ``y_embedding``) live together here so that the whole model saves
+and loads with ``save_pretrained`` / ``from_pretrained`` like every other component.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from mige_lightning.models.fusion import FeatureFusion
+
+
+class ConditionAdapter(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(
+        self,
+        num_query_tokens: int = 32,
+        query_dim: int = 768,
+        visual_dim: int = 1152,
+        text_dim: int = 4096,
+        num_heads: int = 8,
+        null_length: int = 256,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, query_dim) * init_std)  # [1, Q, Dq]
+        self.fusion = FeatureFusion(query_dim, visual_dim, num_heads=num_heads)
+        self.projection = nn.Linear(query_dim, text_dim)
+        # PixArt-style fixed random null caption; replaced by the checkpoint's when one is given
+        gen = torch.Generator().manual_seed(0)
+        null = torch.randn(null_length, text_dim, generator=gen) / math.sqrt(text_dim)
+        self.register_buffer("null_condition", null)  # [L, D], persistent: saved with the model

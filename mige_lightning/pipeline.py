@@ -1,0 +1,384 @@
+"""Sampling: instruction (+ images, + source) → images, with 2-/3-way classifier-free guidance.
+
+``MIGEPipeline`` is a diffusers ``DiffusionPipeline``: ``save_pretrained`` / ``from_pretrained``
+work on the whole model. It uses the same prompt function (``prompt.build_prompt``) and the same
+image transforms as training. Initial noise depends only on each sample's seed (base seed +
+sample index, or an explicit per-sample seed), never on the batch size or the batch's contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PixArtTransformer2DModel,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from transformers import Blip2QFormerModel, Blip2VisionModel, PreTrainedTokenizerBase, T5EncoderModel
+
+from mige_lightning.diffusion import cfg_2way, cfg_3way
+from mige_lightning.models.adapter import ConditionAdapter
+from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder
+from mige_lightning.models.encoder import MultimodalEncoder
+from mige_lightning.models.mige import MIGE
+from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt, count_placeholders
+from mige_lightning.transforms import Transforms
+
+# SPEC §4 (upstream defaults): steps, instruction scale s_y, input scale s_s
+TASK_DEFAULTS: dict[Task, dict[str, float | int | None]] = {
+    Task.SUBJECT: {"num_inference_steps": 50, "guidance_scale": 7.0, "image_guidance_scale": None},
+    Task.EDIT: {"num_inference_steps": 60, "guidance_scale": 5.0, "image_guidance_scale": 1.0},
+    Task.SUBJECT_EDIT: {"num_inference_steps": 60, "guidance_scale": 5.0, "image_guidance_scale": 1.0},
+}
+SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+
+
+def make_scheduler(
+    name: str = "dpm++",
+    *,
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+):
+    """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    kwargs = dict(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type="epsilon",
+    )
+    if name == "dpm++":
+        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
+    return SCHEDULERS[name](**kwargs)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], *, device, dtype) -> torch.Tensor:
+    """One CPU generator per sample: sample i's noise is the same alone or in any batch."""
+    noise = [
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
+        for s in seeds
+    ]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+@dataclass
+class MIGEPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    latents: torch.Tensor
+    settings: list[dict]  # what each image was generated with (task, seed, scales, steps, scheduler)
+
+
+def _as_list(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for {n} instructions")
+        return list(value)
+    return [value] * n
+
+
+class MIGEPipeline(DiffusionPipeline):
+    _optional_components = ["vae"]  # None: the model works in pixel space
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: T5EncoderModel,
+        vision_model: Blip2VisionModel,
+        qformer: Blip2QFormerModel,
+        adapter: ConditionAdapter,
+        transformer: PixArtTransformer2DModel,
+        vae: AutoencoderKL | None,
+        scheduler: DPMSolverMultistepScheduler,
+        resolution: int = 512,
+        vision_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        vision_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        max_length: int = 256,
+        prompt_version: int = PROMPT_VERSION,
+    ):
+        super().__init__()
+        if prompt_version != PROMPT_VERSION:
+            raise ValueError(
+                f"pipeline was saved with prompt version {prompt_version}; this code builds {PROMPT_VERSION}"
+            )
+        self.register_modules(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vision_model=vision_model,
+            qformer=qformer,
+            adapter=adapter,
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
+        )
+        self.register_to_config(
+            resolution=resolution,
+            vision_mean=list(vision_mean),
+            vision_std=list(vision_std),
+            max_length=max_length,
+            prompt_version=prompt_version,
+        )
+        self._mige: MIGE | None = None
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @classmethod
+    def from_mige(
+        cls, model: MIGE, *, resolution: int, vision_mean, vision_std, scheduler=None
+    ) -> MIGEPipeline:
+        enc = model.encoder
+        vae = model.autoencoder.vae if isinstance(model.autoencoder, KLAutoencoder) else None
+        pipe = cls(
+            tokenizer=enc.tokenizer,
+            text_encoder=enc.t5,
+            vision_model=enc.vision,
+            qformer=enc.qformer,
+            adapter=enc.adapter,
+            transformer=model.dit,
+            vae=vae,
+            scheduler=scheduler or make_scheduler(),
+            resolution=resolution,
+            vision_mean=vision_mean,
+            vision_std=vision_std,
+            max_length=enc.max_length,
+        )
+        pipe._mige = model
+        return pipe
+
+    @property
+    def model(self) -> MIGE:
+        """The components assembled as the training-time ``MIGE`` module (no copies)."""
+        if self._mige is None:
+            encoder = MultimodalEncoder(
+                vision=self.vision_model,
+                qformer=self.qformer,
+                adapter=self.adapter,
+                t5=self.text_encoder,
+                tokenizer=self.tokenizer,
+                max_length=self.config.max_length,
+            )
+            autoencoder = KLAutoencoder(self.vae) if self.vae is not None else PixelAutoencoder()
+            self._mige = MIGE(encoder=encoder, dit=self.transformer, autoencoder=autoencoder).eval()
+        return self._mige
+
+    @property
+    def transforms(self) -> Transforms:
+        return Transforms(
+            self.config.resolution,
+            int(self.vision_model.config.image_size),
+            self.config.vision_mean,
+            self.config.vision_std,
+        )
+
+    def set_scheduler(self, name: str) -> None:
+        self.scheduler = make_scheduler(
+            name,
+            **{
+                k: self.scheduler.config[k]
+                for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+            },
+        )
+
+    # ------------------------------------------------------------------------------- the model
+    def guided_epsilon(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor,
+        cond_input: torch.Tensor,
+        guidance_scale: float,
+        image_guidance_scale: float | None,
+    ) -> torch.Tensor:
+        """All guidance branches in ONE batched forward; returns the guided ε [B, C, h, w].
+
+        2-way (``image_guidance_scale`` None): branches (c, input), (∅, input).
+        3-way: (c, src), (∅, src), (∅, 0) — condition rows of ``cond`` are followed by the null rows.
+        """
+        b, c = latents.shape[:2]
+        null = self.model.null_condition.to(cond.dtype)
+        length = max(cond.shape[1], null.shape[0])
+        k = 2 if image_guidance_scale is None else 3
+        conds = cond.new_zeros(k * b, length, cond.shape[2])
+        masks = cond_mask.new_zeros(k * b, length)
+        conds[:b, : cond.shape[1]], masks[:b, : cond.shape[1]] = cond, cond_mask
+        conds[b:, : null.shape[0]], masks[b:, : null.shape[0]] = null, 1
+        inputs = (
+            [cond_input, cond_input] if k == 2 else [cond_input, cond_input, torch.zeros_like(cond_input)]
+        )
+        out = self.model(
+            latents.repeat(k, 1, 1, 1), t.repeat(k), cond=conds, cond_mask=masks, cond_input=torch.cat(inputs)
+        )
+        eps = out[:, :c].chunk(k)  # learned-variance channels are not used by these samplers
+        if k == 2:
+            return cfg_2way(eps[1], eps[0], guidance_scale)
+        return cfg_3way(eps[2], eps[1], eps[0], text_scale=guidance_scale, image_scale=image_guidance_scale)
+
+    # ---------------------------------------------------------------------------------- sample
+    @torch.no_grad()
+    def __call__(
+        self,
+        instruction: str | list[str],
+        *,
+        task: Task | str,
+        images: list[PIL.Image.Image] | list[list[PIL.Image.Image]] | None = None,
+        source: PIL.Image.Image | list[PIL.Image.Image] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
+        seed: int = 0,
+        seeds: list[int] | None = None,
+        resize_to_source: bool = False,
+        batch_invariant: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate or edit. ``images``: the images filling each instruction's placeholders;
+        ``source``: the image to edit (edit / subject_edit). Steps and scales default per task
+        (SPEC §4). ``seeds`` (default ``seed + i``) fix each sample's initial noise;
+        ``batch_invariant`` (default) runs samples one at a time so a sample is bitwise identical
+        alone or in any batch — set it False to batch all samples into each forward for speed."""
+        # 1. inputs → per-sample lists, checked before any compute
+        task = Task.parse(task)
+        defaults = TASK_DEFAULTS[task]
+        steps = int(num_inference_steps or defaults["num_inference_steps"])
+        s_y = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        s_s = defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
+        if task is Task.SUBJECT:
+            s_s = None  # no conditional input to guide on
+        instructions = [instruction] if isinstance(instruction, str) else list(instruction)
+        n = len(instructions)
+        if images is None:
+            refs = [[] for _ in range(n)]
+        elif n == 1 and images and isinstance(images[0], PIL.Image.Image):
+            refs = [list(images)]
+        else:
+            refs = [list(r) for r in _as_list(images, n, "images")]
+        sources = _as_list(source, n, "source")
+        for i, (text, r) in enumerate(zip(instructions, refs, strict=True)):
+            if count_placeholders(text) != len(r):
+                raise ValueError(
+                    f"instruction {i}: {count_placeholders(text)} <imagehere> placeholder(s) but {len(r)} image(s)"
+                )
+        if task.uses_source and any(s is None for s in sources):
+            raise ValueError(f"task '{task.value}' needs a source image for every instruction")
+        seeds = list(seeds) if seeds is not None else [seed + i for i in range(n)]
+        if len(seeds) != n:
+            raise ValueError(f"seeds: {len(seeds)} values for {n} instructions")
+        # 2.–6. run each sample on its own (batch_invariant: bitwise the same whatever it is batched
+        # with — CPU conv / attention kernels otherwise pick batch-size-dependent paths), or all at once
+        chunks = [[i] for i in range(n)] if batch_invariant else [list(range(n))]
+        latents = torch.cat(
+            [
+                self._denoise(
+                    [instructions[i] for i in c],
+                    task=task,
+                    refs=[refs[i] for i in c],
+                    sources=[sources[i] for i in c],
+                    seeds=[seeds[i] for i in c],
+                    steps=steps,
+                    s_y=s_y,
+                    s_s=s_s,
+                )
+                for c in chunks
+            ]
+        )
+        model = self.model
+        prompts = [build_prompt(task, text) for text in instructions]
+        # 7. decode and post-process
+        pixels = torch.cat([model.autoencoder.decode(latents[c]) for c in chunks])  # per chunk, like the rest
+        settings = [
+            {
+                "task": task.value,
+                "seed": s,
+                "num_inference_steps": steps,
+                "guidance_scale": s_y,
+                "image_guidance_scale": s_s,
+                "scheduler": type(self.scheduler).__name__,
+                "prompt": p,
+            }
+            for s, p in zip(seeds, prompts, strict=True)
+        ]
+        if output_type == "latent":
+            result = latents
+        else:
+            result = self.image_processor.postprocess(pixels.float(), output_type=output_type)
+            if resize_to_source and output_type == "pil" and task.uses_source:
+                result = [
+                    img.resize(s.size, PIL.Image.BICUBIC) for img, s in zip(result, sources, strict=True)
+                ]
+        if not return_dict:
+            return result, latents
+        return MIGEPipelineOutput(images=result, latents=latents, settings=settings)
+
+    def _denoise(self, instructions, *, task, refs, sources, seeds, steps, s_y, s_s) -> torch.Tensor:
+        model, t = self.model, self.transforms
+        device, dtype = self.transformer.device, self.transformer.dtype
+        n = len(instructions)
+
+        # 2. references: ViT inputs and VAE latents of the real images only
+        m = max((len(r) for r in refs), default=0)
+        ref_mask = torch.zeros(n, m, dtype=torch.bool, device=device)
+        ref_pixels = torch.zeros(
+            n, m, 3, t.vision_resolution, t.vision_resolution, device=device, dtype=dtype
+        )
+        flat = []
+        for i, r in enumerate(refs):
+            for j, img in enumerate(r):
+                ref_mask[i, j] = True
+                ref_pixels[i, j] = t.vit(img.convert("RGB")).to(device, dtype)
+                flat.append(t.vae(img.convert("RGB")))
+        ref_latents = (
+            model.autoencoder.encode(torch.stack(flat).to(device, dtype), sample=False) if flat else None
+        )
+
+        # 3. the multimodal condition, through the training prompt function
+        prompts = [build_prompt(task, text) for text in instructions]
+        if ref_latents is None:
+            ref_latents = torch.zeros(0, model.latent_channels, 1, 1, device=device, dtype=dtype)
+        cond, cond_mask = model.encode_condition(
+            prompts, ref_pixels=ref_pixels, ref_latents=ref_latents, ref_mask=ref_mask, pad_to_max_length=True
+        )
+
+        # 4. the conditional input: source latent (edit, subject_edit) or zeros (subject)
+        size = t.resolution // model.autoencoder.downsample_factor
+        shape = (model.latent_channels, size, size)
+        if task.uses_source:
+            src = torch.stack([t.vae(s.convert("RGB")) for s in sources]).to(device, dtype)
+            cond_input = model.autoencoder.encode(src, sample=False)
+        else:
+            cond_input = torch.zeros(n, *shape, device=device, dtype=dtype)
+
+        # 5. initial noise from per-sample seeds
+        self.scheduler.set_timesteps(steps, device=device)
+        latents = initial_noise(seeds, shape, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+        # 6. denoising loop: one batched forward per step for all guidance branches
+        for timestep in self.progress_bar(self.scheduler.timesteps):
+            model_in = self.scheduler.scale_model_input(latents, timestep)
+            t_batch = timestep.reshape(1).to(device).expand(n)
+            eps = self.guided_epsilon(
+                model_in,
+                t_batch,
+                cond=cond,
+                cond_mask=cond_mask,
+                cond_input=cond_input,
+                guidance_scale=s_y,
+                image_guidance_scale=s_s,
+            )
+            latents = self.scheduler.step(eps, timestep, latents, return_dict=False)[0]
+
+        return latents

@@ -1,0 +1,37 @@
+"""The image transforms a model is trained with, shared by the data pipeline and the sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+
+@dataclass
+class Transforms:
+    """The image transforms for one model: VAE path (resize short side + center-crop, → [-1, 1]) and
+    the vision tower's own resize (to its square input, as BLIP-2's processor) and normalisation."""
+
+    resolution: int
+    vision_resolution: int
+    vision_mean: Sequence[float]
+    vision_std: Sequence[float]
+
+    def __post_init__(self):
+        bicubic = v2.InterpolationMode.BICUBIC
+        to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        self.vae = v2.Compose(
+            [
+                v2.Resize(self.resolution, interpolation=bicubic, antialias=True),
+                v2.CenterCrop(self.resolution),
+                *to_float,
+                v2.Normalize([0.5] * 3, [0.5] * 3),
+            ]
+        )
+        self.vit_resize = v2.Resize(
+            (self.vision_resolution, self.vision_resolution), interpolation=bicubic, antialias=True
+        )
+        self.vit_normalize = v2.Normalize(list(self.vision_mean), list(self.vision_std))
+        self.vit = v2.Compose([self.vit_resize, *to_float, self.vit_normalize])
