@@ -50,7 +50,6 @@ class ToyEps(nn.Module):
 
     def forward(self, noisy, t, *, cond, cond_mask, cond_input):
         self.calls.append(noisy.shape[0])
-        c = noisy.shape[1]
         text = (cond[:, 0, 0] * cond_mask[:, 0]).view(-1, 1, 1, 1)  # elementwise only: exact in any batch
         eps = 0.5 * noisy + 0.25 * cond_input + 0.1 * text + 0.001 * t.view(-1, 1, 1, 1)
         return torch.cat([eps, torch.full_like(eps, 7.0)], dim=1)  # variance channels must be ignored
