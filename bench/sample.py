@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,8 @@ def bench(preset: str, repeats: int, batch: int) -> None:
     for task, req in REQUESTS.items():
         imgs = [image(i, res) for i in range(req["images"])]
         src = image(9, res) if req["source"] else None
-        per_task[task] = timed(
-            lambda: pipe(req["instruction"], task=task, images=imgs, source=src, output_type="latent"),
-            repeats,
-        )
+        one = partial(pipe, req["instruction"], task=task, images=imgs, source=src, output_type="latent")
+        per_task[task] = timed(one, repeats)
     print(f"\n{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {res} px")
     print("| task | steps | guidance | s / image |")
     print("|---|---|---|---|")
