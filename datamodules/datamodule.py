@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from datamodules.benchmarks import BenchmarkDataset, read_benchmark
 from datamodules.dataset import MIGEDataset, collate
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
@@ -55,6 +56,10 @@ class MIGEDataModule(L.LightningDataModule):
     latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
     predict_requests: JSONL request file for ``predict`` (``datamodules/requests.py``); bad requests
         are reported with their line and skipped.
+    val_manifests: held-out records for validation sampling (``callbacks.ValidationSampling``);
+        with ``synthetic``, its ``heldout`` split is added.
+    benchmark: test set for ``test`` (``datamodules/benchmarks.py``), e.g.
+        ``{name: magicbrush, root: /data/MagicBrush/test, reference: target, turns: single}``.
     """
 
     def __init__(
@@ -73,14 +78,16 @@ class MIGEDataModule(L.LightningDataModule):
         latent_cache: str | None = None,
         predict_requests: str | None = None,
         predict_batch_size: int = 4,
+        benchmark: dict[str, Any] | None = None,
+        val_manifests: list[dict[str, Any]] | None = None,
         resolution: int | None = None,
         vision_resolution: int | None = None,
         vision_mean: tuple[float, float, float] | None = None,
         vision_std: tuple[float, float, float] | None = None,
     ):
         super().__init__()
-        if not manifests and not synthetic and not predict_requests:
-            raise ValueError("data: give `manifests`, `synthetic` or `predict_requests`")
+        if not manifests and not synthetic and not predict_requests and not benchmark:
+            raise ValueError("data: give `manifests`, `synthetic`, `predict_requests` or `benchmark`")
         self.manifests = list(manifests or [])
         self.synthetic = dict(synthetic) if synthetic else None
         self.root = root
@@ -94,6 +101,8 @@ class MIGEDataModule(L.LightningDataModule):
         self.latent_cache = latent_cache
         self.predict_requests = predict_requests
         self.predict_batch_size = predict_batch_size
+        self.benchmark = dict(benchmark) if benchmark else None
+        self.val_manifests = list(val_manifests or [])
         self.resolution = resolution
         self.vision_resolution = vision_resolution
         self.vision_mean = vision_mean
@@ -152,8 +161,8 @@ class MIGEDataModule(L.LightningDataModule):
                 generate(root, **spec)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" or self.records or self._parse_problems:
-            return  # predict reads only its request file
+        if stage in ("predict", "test") or self.records or self._parse_problems:
+            return  # predict / test read only their request file / benchmark
         for spec in self.manifest_specs():
             records, problems = read_manifest(
                 spec["path"], task=spec.get("task"), subtask=spec.get("subtask")
@@ -180,6 +189,20 @@ class MIGEDataModule(L.LightningDataModule):
         self.records = resolve_problems(good, problems, on_bad_record=self.on_bad_record)
         self._validated = True
         return self.records
+
+    def val_records(self) -> list[Record]:
+        """Held-out records (``val_manifests`` + the synthetic world's held-out split); bad ones are an error."""
+        specs = list(self.val_manifests)
+        if self.synthetic:
+            from datamodules.synthetic import manifest_specs
+
+            specs += manifest_specs(self.synthetic.get("root", "data/demo"), "heldout")
+        records, problems = [], []
+        for spec in specs:
+            recs, probs = read_manifest(spec["path"], task=spec.get("task"), subtask=spec.get("subtask"))
+            records += recs
+            problems += probs
+        return resolve_problems(records, problems, on_bad_record=self.on_bad_record) if problems else records
 
     def _cache(self) -> LatentCache | None:
         if self.latent_cache is None:
@@ -245,6 +268,18 @@ class MIGEDataModule(L.LightningDataModule):
             raise ManifestError(f"{self.predict_requests}: no valid request to run", problems=problems)
         return DataLoader(
             RequestDataset(requests),
+            batch_size=self.predict_batch_size,
+            collate_fn=collate_requests,
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.benchmark:
+            raise ValueError("data.benchmark: give the benchmark to test on, e.g. {name: emu_edit, root: …}")
+        items = read_benchmark(self.benchmark)
+        log.info("benchmark %s: %d items", self.benchmark.get("name"), len(items))
+        return DataLoader(
+            BenchmarkDataset(items),
             batch_size=self.predict_batch_size,
             collate_fn=collate_requests,
             num_workers=self.num_workers,

@@ -16,7 +16,9 @@ from transformers import get_constant_schedule_with_warmup
 
 from mige_lightning.condition_dropout import draw_condition_dropout
 from mige_lightning.diffusion import GaussianDiffusion
+from mige_lightning.evaluation import BenchmarkEvaluator
 from mige_lightning.models import MIGE, build_mige, get_config
+from mige_lightning.models.autoencoder import PixelAutoencoder
 from mige_lightning.pipeline import MIGEPipeline, make_scheduler
 from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt
 
@@ -37,6 +39,10 @@ class MIGELightningModule(L.LightningModule):
     sampler: ``dpm++`` (DPM-Solver++ 2M), ``ddim`` or ``euler`` for ``predict`` / validation sampling.
     sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).
     predict_seed: base seed; a request without its own seed uses base + its index in the file.
+    eval_metrics: metric backbones for ``test`` / validation sampling: ``{dino: facebook/dino-vits16,
+        clip_model: ViT-B-32, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
+        backbone left out disables its metrics (logged), L1 / L2 always run.
+    eval_num_inference_steps: override the per-task default number of sampling steps in ``test``.
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class MIGELightningModule(L.LightningModule):
         sampler: str = "dpm++",
         sample_with_ema: bool = True,
         predict_seed: int = 0,
+        eval_metrics: dict[str, str | None] | None = None,
+        eval_num_inference_steps: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -211,6 +219,9 @@ class MIGELightningModule(L.LightningModule):
                 scheduler or self.hparams.sampler,
                 num_train_timesteps=self.hparams.num_train_timesteps,
                 beta_schedule=self.hparams.beta_schedule,
+                clip_sample=isinstance(
+                    self.model.autoencoder, PixelAutoencoder
+                ),  # pixel-space data is in [-1, 1]
             ),
         )
 
@@ -266,3 +277,72 @@ class MIGELightningModule(L.LightningModule):
                     {"request": r, "image": image, "settings": {**settings, "ema": self._sampling_with_ema}}
                 )
         return results
+
+    # ---------------------------------------------------------------------------------- benchmarks
+    def build_evaluator(self) -> BenchmarkEvaluator:
+        cfg = dict(self.hparams.eval_metrics or {})
+        unknown = set(cfg) - {"dino", "clip_model", "clip_pretrained", "crop_fn"}
+        if unknown:
+            raise KeyError(f"model.eval_metrics: unknown keys {sorted(unknown)}")
+        return BenchmarkEvaluator(
+            dino=cfg.get("dino"),
+            clip_model=cfg.get("clip_model") or "ViT-B-32",
+            clip_pretrained=cfg.get("clip_pretrained"),
+            crop_fn=cfg.get("crop_fn") or "mask",
+        )
+
+    def on_test_start(self) -> None:
+        self.on_predict_start()  # EMA weights + pipeline
+        self.__dict__["evaluator"] = self.build_evaluator().to(
+            self.device
+        )  # not a submodule: no checkpoint state
+        self.test_rows: list[dict] = []
+
+    def generate_for_items(self, items: list, images: list[dict]) -> list:
+        """Benchmark items → output images (per-item seeds; MagicBrush follow-ups chained on outputs)."""
+        outputs: list = [None] * len(items)
+        by_task: dict = {}
+        for i, item in enumerate(items):
+            by_task.setdefault(item.task, []).append(i)
+        steps = self.hparams.eval_num_inference_steps
+        for task, idx in by_task.items():
+            out = self._pipe(
+                [items[i].instruction for i in idx],
+                task=task,
+                images=[images[i]["images"] for i in idx],
+                source=[images[i]["source"] for i in idx],
+                num_inference_steps=steps,
+                seeds=[self.hparams.predict_seed + items[i].seed for i in idx],
+            )
+            for i, image in zip(idx, out.images, strict=True):
+                outputs[i] = image
+        for i, item in enumerate(items):
+            for instruction in item.followups:  # multi-turn: edit the model's own previous output
+                prev = outputs[i]
+                outputs[i] = self._pipe(
+                    instruction,
+                    task=item.task,
+                    images=[prev],
+                    source=prev,
+                    num_inference_steps=steps,
+                    seeds=[self.hparams.predict_seed + item.seed],
+                ).images[0]
+        return outputs
+
+    def test_step(self, batch: list[dict], batch_idx: int) -> None:
+        items = [b["item"].value for b in batch]
+        images = [b["images"] for b in batch]
+        outputs = self.generate_for_items(items, images)
+        self.test_rows.extend(self.evaluator.update(outputs, items, images))
+        self.test_outputs = list(zip([it.id for it in items], outputs, strict=True))  # for report callbacks
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.evaluator.compute()  # synced across ranks by torchmetrics
+        if self.trainer.world_size > 1:  # per-sample rows from every rank, for the CSV
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, self.test_rows)
+            self.test_rows = [row for rows in gathered for row in rows]
+        for table, values in self.test_results.items():
+            for name, value in values.items():
+                prefix = "test/baseline" if table != "MIGE" else "test"
+                self.log(f"{prefix}/{name}", value, rank_zero_only=True)

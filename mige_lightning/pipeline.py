@@ -50,8 +50,13 @@ def make_scheduler(
     beta_schedule: str = "linear",
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
+    clip_sample: bool = False,
 ):
-    """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2."""
+    """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2.
+
+    ``clip_sample`` keeps predicted x₀ inside [-1, 1] (dynamic thresholding for DPM-Solver++, clipping
+    for DDIM): right for pixel-space models, whose data lives there; latent models (PixArt) don't clip.
+    """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     kwargs = dict(
@@ -63,6 +68,12 @@ def make_scheduler(
     )
     if name == "dpm++":
         kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
+        if clip_sample:
+            kwargs.update(thresholding=True, sample_max_value=1.0)
+    elif name == "ddim" and clip_sample:
+        kwargs.update(clip_sample=True, clip_sample_range=1.0)
+    elif name == "ddim":
+        kwargs.update(clip_sample=False)
     return SCHEDULERS[name](**kwargs)
 
 

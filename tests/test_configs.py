@@ -91,6 +91,9 @@ def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
         str(REPO / "configs/demo.yaml"),
         "--trainer.max_steps=8",
         "--trainer.log_every_n_steps=2",
+        # the last demo callback is ValidationSampling: sample every 4 steps with 2 sampler steps
+        "--trainer.callbacks.init_args.every_n_steps=4",
+        "--trainer.callbacks.init_args.num_inference_steps=2",
         f"--data.synthetic={{root: {tmp_path}/world, num_samples: 64, size: 32, seed: 0}}",
     ]
     cli = _fit(args, tmp_path, monkeypatch)
@@ -101,6 +104,17 @@ def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
     assert (run_dir / "config.yaml").is_file()
     logged = cli.trainer.callback_metrics
     assert {"train/loss", "train/loss_subject", "train/loss_edit", "train/loss_subject_edit"} <= set(logged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    for task in ("subject", "edit", "subject_edit"):
+        assert {f"val/{task}/l1", f"val/{task}/l2"} <= set(events.Tags()["scalars"])
+        assert f"val/{task}/grid" in events.Tags()["images"]
+        assert [e.step for e in events.Scalars(f"val/{task}/l1")] == [4, 8]
+    assert not any(
+        "dino" in t or "clip" in t for t in events.Tags()["scalars"]
+    )  # offline: disabled, not random
     # a second run gets its own directory
     cli2 = _fit(args, tmp_path, monkeypatch)
     assert Path(cli2.trainer.log_dir).resolve() != run_dir

@@ -1,0 +1,95 @@
+"""Writes a ``test`` run's benchmark results: per-sample CSV, results JSON and a Markdown table.
+
+Logged keys: ``test/<metric>`` and ``test/baseline/<metric>`` are logged by the module; this
+callback writes files only (rank 0): ``<output_dir>/per_sample.csv``, ``results.json``,
+``results.md`` (paper column order; rows: MIGE, the copy-the-input baseline and, where the paper
+reports the benchmark, the paper's numbers), and with ``save_images`` the generated images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+
+PAPER_COLUMNS = {
+    "emu_edit": ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"],
+    "magicbrush": ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"],
+    "dreambench": ["DINO", "CLIP-I", "CLIP-T"],
+    "migebench": ["DINO", "CLIP-I", "CLIP-T"],
+}
+PAPER_RESULTS = {  # SPEC §5 (paper Tables 1–2)
+    "emu_edit": {"DINO": 0.832, "CLIP-I": 0.865, "CLIP-T": 0.306, "CLIPdir": 0.114, "L1": 0.088, "L2": 0.027},
+    "magicbrush": {
+        "DINO": 0.889,
+        "CLIP-I": 0.905,
+        "CLIP-T": 0.306,
+        "CLIPdir": 0.119,
+        "L1": 0.055,
+        "L2": 0.013,
+    },
+    "dreambench": {"DINO": 0.744, "CLIP-I": 0.830, "CLIP-T": 0.293},
+}
+EXTRA_NAMES = {
+    "subject_dino": "subject DINO",
+    "subject_clip_i": "subject CLIP-I",
+    "l1_outside": "L1 outside mask",
+    "l2_outside": "L2 outside mask",
+    "dino_inside": "DINO inside mask",
+    "clip_i_inside": "CLIP-I inside mask",
+}
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+class BenchmarkReport(L.Callback):
+    def __init__(self, output_dir: str = "eval", benchmark: str | None = None, save_images: bool = False):
+        self.output_dir = Path(output_dir)
+        self.benchmark = benchmark
+        self.save_images = save_images
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.save_images:
+            (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
+            for item_id, image in pl_module.test_outputs:
+                image.save(self.output_dir / "images" / f"{item_id}.png")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            return
+        name = self.benchmark or (getattr(trainer.datamodule, "benchmark", None) or {}).get(
+            "name", "benchmark"
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = pl_module.test_rows
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with (self.output_dir / "per_sample.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        results = pl_module.test_results
+        (self.output_dir / "results.json").write_text(
+            json.dumps({"benchmark": name, "samples": len(rows), **results}, indent=2)
+        )
+        columns = PAPER_COLUMNS.get(name) or list(results["MIGE"])
+        lines = [
+            f"# {name} ({len(rows)} samples)",
+            "",
+            "| | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for label in ("MIGE", "copy-the-input baseline"):
+            lines.append(f"| {label} | " + " | ".join(_fmt(results[label].get(c)) for c in columns) + " |")
+        if name in PAPER_RESULTS:
+            lines.append(
+                "| paper (MIGE) | " + " | ".join(_fmt(PAPER_RESULTS[name].get(c)) for c in columns) + " |"
+            )
+        if results["extras"]:
+            lines += ["", "| extra | value |", "|---|---|"]
+            lines += [f"| {EXTRA_NAMES.get(k, k)} | {_fmt(v)} |" for k, v in results["extras"].items()]
+        (self.output_dir / "results.md").write_text("\n".join(lines) + "\n")

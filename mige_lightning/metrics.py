@@ -1,0 +1,260 @@
+"""Evaluation metrics as ``torchmetrics.Metric``s, exactly as the authors' metric code (SPEC §5).
+
+All scores are plain per-sample means of raw cosine similarities (no ×100, no clamp) or pixel
+errors. Images are PIL images; preprocessing is part of the protocol:
+
+| metric  | backbone                          | preprocessing                                         |
+|---------|-----------------------------------|-------------------------------------------------------|
+| DINO    | ViT-S/16 (``facebook/dino-vits16``), CLS of the last hidden state (after the final LayerNorm) | short side → 256 bicubic, center-crop 224, ImageNet mean/std |
+| CLIP-I  | open_clip ``ViT-B-32`` / ``openai`` | short side → 224 bicubic, center-crop 224, CLIP mean/std |
+| CLIP-T  | same; text padded/truncated to 77 tokens | as CLIP-I                                        |
+| CLIPdir | same; samples with identical captions skipped (0/0) | as CLIP-I                               |
+| L1 / L2 | —                                 | output resized to the reference's size (PIL bicubic), [0, 1]; L2 is the MSE |
+
+Backbones load from a hub id or a local path, are frozen, and are loaded once per process and
+shared between metrics. They are never part of a metric's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchvision.transforms import v2
+from transformers import ViTModel
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
+
+from mige_lightning.models.loading import resolve_source
+
+log = logging.getLogger(__name__)
+DINO_RESIZE, DINO_CROP = 256, 224
+CLIP_RESIZE, CLIP_CROP = 224, 224
+CLIP_CONTEXT = 77
+
+
+def resize_center_crop(image: PIL.Image.Image, resize: int, crop: int) -> PIL.Image.Image:
+    """Short side → ``resize`` (bicubic, aspect kept), then the central ``crop`` × ``crop``."""
+    image = v2.functional.resize(image.convert("RGB"), resize, interpolation=v2.InterpolationMode.BICUBIC)
+    return v2.functional.center_crop(image, crop)
+
+
+def _to_normalised(images: Sequence[PIL.Image.Image], mean, std) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])  # [N, H, W, 3]
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+class DinoEmbedder(torch.nn.Module):
+    def __init__(self, model: ViTModel):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        crops = [resize_center_crop(im, DINO_RESIZE, DINO_CROP) for im in images]
+        x = _to_normalised(crops, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD).to(
+            self.model.device, self.model.dtype
+        )
+        out = self.model(pixel_values=x, interpolate_pos_encoding=True)
+        return out.last_hidden_state[:, 0].float()  # CLS token after the final LayerNorm, not pooler_output
+
+
+class ClipEmbedder(torch.nn.Module):
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        crops = [resize_center_crop(im, CLIP_RESIZE, CLIP_CROP) for im in images]
+        x = _to_normalised(crops, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD).to(self.device)
+        return self.model.encode_image(x).float()
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts), context_length=CLIP_CONTEXT).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+
+@cache
+def load_dino(source: str = "facebook/dino-vits16") -> DinoEmbedder:
+    """DINO ViT-S/16 from a hub id or a local directory (loaded once per process)."""
+    model = ViTModel.from_pretrained(resolve_source(source, key="metrics.dino"), add_pooling_layer=False)
+    return DinoEmbedder(model)
+
+
+@cache
+def load_clip(model_name: str = "ViT-B-32", pretrained: str = "openai") -> ClipEmbedder:
+    """open_clip model by name with a pretrained tag (``openai``) or a local checkpoint file."""
+    import open_clip
+
+    if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+        resolve_source(pretrained, key="metrics.clip.pretrained")  # a local file must exist
+    model = open_clip.create_model(model_name, pretrained=pretrained)
+    return ClipEmbedder(model, open_clip.get_tokenizer(model_name))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a, b, dim=-1)  # raw cosine: no ×100, no clamp
+
+
+def _pixels(image: PIL.Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+# ------------------------------------------------------------------------------------- metrics
+class MeanScore(Metric):
+    """Mean of per-sample scores; sums and counts sync across ranks. ``last`` holds the latest
+    batch's per-sample values (NaN where a sample was skipped) for per-sample reports."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.last = torch.empty(0)
+
+    def _accumulate(self, values: torch.Tensor) -> None:
+        values = values.detach().double().cpu()
+        self.last = values
+        keep = ~torch.isnan(values)
+        self.total += values[keep].sum().to(self.total.device)
+        self.count += int(keep.sum())
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+
+class _Backbone(MeanScore):
+    def __init__(self, embedder, **kwargs):
+        super().__init__(**kwargs)
+        self.__dict__["embedder"] = embedder  # shared, frozen, not a registered submodule / state
+
+
+class DINOScore(_Backbone):
+    """cos(DINO(output), DINO(reference)) per sample."""
+
+    def update(self, outputs: Sequence[PIL.Image.Image], references: Sequence[PIL.Image.Image]) -> None:
+        self._accumulate(_cos(self.embedder(outputs), self.embedder(references)))
+
+
+class CLIPImageScore(_Backbone):
+    """cos(CLIP(output), CLIP(reference)) per sample."""
+
+    def update(self, outputs: Sequence[PIL.Image.Image], references: Sequence[PIL.Image.Image]) -> None:
+        self._accumulate(_cos(self.embedder.images(outputs), self.embedder.images(references)))
+
+
+class CLIPTextScore(_Backbone):
+    """cos(CLIP image embedding, CLIP caption embedding) per sample."""
+
+    def update(self, outputs: Sequence[PIL.Image.Image], captions: Sequence[str]) -> None:
+        self._accumulate(_cos(self.embedder.images(outputs), self.embedder.texts(captions)))
+
+
+class CLIPDirectionalScore(_Backbone):
+    """n(n(E(out)) − n(E(src))) · n(n(T(out_cap)) − n(T(in_cap))); identical captions are skipped."""
+
+    def update(
+        self,
+        sources: Sequence[PIL.Image.Image],
+        outputs: Sequence[PIL.Image.Image],
+        input_captions: Sequence[str],
+        output_captions: Sequence[str],
+    ) -> None:
+        e = self.embedder
+        img = F.normalize(
+            F.normalize(e.images(outputs), dim=-1) - F.normalize(e.images(sources), dim=-1), dim=-1
+        )
+        txt = F.normalize(
+            F.normalize(e.texts(output_captions), dim=-1) - F.normalize(e.texts(input_captions), dim=-1),
+            dim=-1,
+        )
+        values = (img * txt).sum(-1)
+        same = torch.tensor([a == b for a, b in zip(input_captions, output_captions, strict=True)])
+        self._accumulate(torch.where(same, torch.full_like(values, float("nan")), values))
+
+
+class _PixelError(MeanScore):
+    higher_is_better = False
+    power = 1
+
+    def update(self, outputs: Sequence[PIL.Image.Image], references: Sequence[PIL.Image.Image]) -> None:
+        values = []
+        for out, ref in zip(outputs, references, strict=True):
+            out = out.convert("RGB").resize(ref.size, PIL.Image.BICUBIC)  # output → reference's size
+            values.append((_pixels(out) - _pixels(ref)).abs().pow(self.power).mean())
+        self._accumulate(torch.stack(values))
+
+
+class L1Distance(_PixelError):
+    """Mean absolute error over C×H×W, pixels in [0, 1]."""
+
+    power = 1
+
+
+class L2Distance(_PixelError):
+    """Mean squared error over C×H×W (no square root), pixels in [0, 1]."""
+
+    power = 2
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:  # one clear line per process, however many metric sets are built
+        _warned.add(message)
+        log.warning(message)
+
+
+def build_metrics(
+    *, dino: str | None = None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = None
+) -> dict[str, Metric]:
+    """Name → metric in the paper's column order. Backbone metrics are left out — with one log
+    line saying so — when no backbone is configured; they are never computed on random weights."""
+    metrics: dict[str, Metric] = {}
+    if dino:
+        metrics["dino"] = DINOScore(load_dino(dino))
+    else:
+        _warn_once("metrics: no DINO backbone configured (model.eval_metrics.dino); DINO is disabled")
+    if clip_pretrained:
+        clip = load_clip(clip_model, clip_pretrained)
+        metrics["clip_i"] = CLIPImageScore(clip)
+        metrics["clip_t"] = CLIPTextScore(clip)
+        metrics["clip_dir"] = CLIPDirectionalScore(clip)
+    else:
+        _warn_once(
+            "metrics: no CLIP backbone configured (model.eval_metrics.clip_pretrained); CLIP-I / CLIP-T / CLIPdir are disabled"
+        )
+    metrics["l1"] = L1Distance()
+    metrics["l2"] = L2Distance()
+    return metrics
+
+
+COLUMN_NAMES = {
+    "dino": "DINO",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "clip_dir": "CLIPdir",
+    "l1": "L1",
+    "l2": "L2",
+}

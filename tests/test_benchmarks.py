@@ -1,0 +1,266 @@
+"""Each benchmark's public layout, reproduced as a tiny fixture, runs through `test` into the results table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from datamodules.benchmarks import parse_dreambench_prompts, read_benchmark, rewrite_emu_instruction
+from mige_lightning import metrics as M
+from mige_lightning.cli import main
+from tests.metric_backbones import save_tiny_backbones
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def img(seed, size=(40, 30)):
+    return PIL.Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    )
+
+
+def save(path: Path, seed: int, size=(40, 30)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img(seed, size).save(path)
+    return str(path)
+
+
+def make_emu(root: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i, (instr, task, cin, cout) in enumerate(
+        [
+            ("Make the image black and white.", "global", "a dog", "a black and white dog"),
+            ("add a hat to the cat", "add", "a cat", "a cat with a hat"),
+            ("remove the car", "remove", "a street", "a street"),  # identical captions: CLIPdir skips it
+        ]
+    ):
+        buf = io.BytesIO()
+        img(i).save(buf, format="PNG")
+        rows.append(
+            {
+                "instruction": instr,
+                "image": {"bytes": buf.getvalue(), "path": f"{i}.png"},
+                "task": task,
+                "split": "test",
+                "idx": i,
+                "hash": str(i),
+                "input_caption": cin,
+                "output_caption": cout,
+            }
+        )
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "test-00000-of-00001.parquet")
+
+
+def make_magicbrush(root: Path) -> None:
+    sessions, desc = {}, {}
+    for s, sid in enumerate(["327726", "242679"]):
+        d = root / "images" / sid
+        save(d / f"{sid}-input.png", 10 * s)
+        turns = []
+        for t in (1, 2):
+            save(d / f"{sid}-output{t}.png", 10 * s + t)
+            mask = np.zeros((30, 40), np.uint8)
+            mask[5:20, 10:30] = 255
+            PIL.Image.fromarray(mask).save(d / f"{sid}-mask{t}.png")
+            turns.append(
+                {
+                    "input": f"{sid}-input.png" if t == 1 else f"{sid}-output1.png",
+                    "mask": f"{sid}-mask{t}.png",
+                    "output": f"{sid}-output{t}.png",
+                    "instruction": f"put a hat on the dog {t}",
+                }
+            )
+        sessions[sid] = turns
+        desc[sid] = {
+            f"{sid}-input.png": "a dog",
+            f"{sid}-output1.png": "a dog with a hat",
+            f"{sid}-output2.png": "a dog with a red hat",
+        }
+    (root / "edit_sessions.json").write_text(json.dumps(sessions))
+    (root / "global_descriptions.json").write_text(json.dumps(desc))
+
+
+DREAMBENCH_PROMPTS = """Classes
+subject_name,class
+backpack,backpack
+dog,dog
+
+Prompts
+Object Prompts
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} in the snow'.format(unique_token, class_token),
+]
+
+Live Subject Prompts
+prompt_list = [
+'a {0} {1} on the beach'.format(unique_token, class_token),
+'a {0} {1} wearing a red hat'.format(unique_token, class_token),
+]
+"""
+
+
+def make_dreambench(root: Path) -> None:
+    ds = root / "dataset"
+    for s, subject in enumerate(["backpack", "dog"]):
+        for k in range(2):
+            save(ds / subject / f"{k:02d}.jpg", 100 + 10 * s + k)
+    (ds / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
+
+
+def make_migebench(root: Path) -> None:
+    for sub in ("add", "replace"):
+        recs = []
+        for i in range(2):
+            {
+                k: save(root / sub / f"{sub}_{k}" / f"{i}_{k}.jpg", 200 + i * 7 + len(k))
+                for k in ("source", "target", "entity")
+            }
+            mask = np.zeros((30, 40), np.uint8)
+            mask[8:22, 12:28] = 255
+            (root / sub / f"{sub}_mask").mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(mask).save(root / sub / f"{sub}_mask" / f"{i}_mask.jpg")
+
+            def absolute(k, name, sub=sub):  # the authors' files hold absolute paths like these
+                return f"/path/to/MIGEBench/{sub}/{sub}_{k}/{name}"
+
+            entities = [absolute("entity", f"{i}_entity.jpg"), absolute("source", f"{i}_source.jpg")]
+            if sub == "replace":
+                entities = entities[::-1]
+            recs.append(
+                {
+                    "image": absolute("target", f"{i}_target.jpg"),
+                    "source_path": [absolute("source", f"{i}_source.jpg")],
+                    "multi_prompt": "Add<imagehere>to<imagehere>"
+                    if sub == "add"
+                    else "replace the cat in<imagehere>with<imagehere>",
+                    "target_caption": "a room with a chair",
+                    "mask_path": [absolute("mask", f"{i}_mask.jpg")],
+                    "entity_path": entities,
+                    "entity_path_white": [absolute("entity", f"{i}_entity.jpg")],
+                    "idx": i,
+                }
+            )
+        (root / f"{sub}_bench.json").write_text(json.dumps(recs))
+
+
+MAKERS = {
+    "emu_edit": make_emu,
+    "magicbrush": make_magicbrush,
+    "dreambench": make_dreambench,
+    "migebench": make_migebench,
+}
+EXPECTED_ITEMS = {"emu_edit": 3, "magicbrush": 4, "dreambench": 8, "migebench": 4}
+
+
+def test_emu_rewrite_matches_the_authors_rule():
+    assert (
+        rewrite_emu_instruction("Make the image black and white.", "global")
+        == "Make <imagehere> black and white."
+    )
+    assert (
+        rewrite_emu_instruction("Turn it into a painting.", "global")
+        == "Turn it into a painting of <imagehere>"
+    )
+    assert rewrite_emu_instruction("add a hat to the cat", "add") == "add a hat to the cat in <imagehere>"
+
+
+def test_dreambench_prompt_file_parses():
+    classes, objects, live = parse_dreambench_prompts(DREAMBENCH_PROMPTS)
+    assert classes == {"backpack": "backpack", "dog": "dog"} and len(objects) == 2 and len(live) == 2
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_reader_builds_items_from_the_public_layout(tmp_path, name):
+    MAKERS[name](tmp_path)
+    items = read_benchmark(
+        {"name": name, "root": str(tmp_path), **({"images_per_prompt": 2} if name == "dreambench" else {})}
+    )
+    assert len(items) == EXPECTED_ITEMS[name]
+    for it in items:
+        from mige_lightning.prompt import count_placeholders
+
+        assert count_placeholders(it.instruction) == len(it.images)
+    if name == "dreambench":
+        dog = [it for it in items if it.meta["subject"] == "dog"]
+        assert dog[0].instruction == "a <imagehere> on the beach" and dog[0].caption == "a dog on the beach"
+        assert [it.seed for it in dog[:2]] == [0, 1]
+    if name == "migebench":
+        assert all(Path(it.reference).is_file() and it.mask and it.subject for it in items)  # re-rooted paths
+    if name == "magicbrush":
+        assert items[1].source.endswith("-output1.png") and items[1].reference.endswith("-output2.png")
+
+
+def test_missing_benchmark_files_name_the_file(tmp_path):
+    make_migebench(tmp_path)
+    (tmp_path / "add" / "add_target" / "1_target.jpg").unlink()
+    with pytest.raises(Exception, match=r"add_bench.json: item 1 \(idx 1\): missing file"):
+        read_benchmark({"name": "migebench", "root": str(tmp_path)})
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    M.load_dino.cache_clear()
+    M.load_clip.cache_clear()
+    return save_tiny_backbones(tmp_path_factory.mktemp("bb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_benchmark_runs_through_test_and_writes_the_table(tmp_path, monkeypatch, backbones, name):
+    monkeypatch.chdir(tmp_path)
+    MAKERS[name](tmp_path / "bench")
+    out = tmp_path / "eval"
+    extra = {"dreambench": ", images_per_prompt: 2"}.get(name, "")
+    main(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "eval" / f"{name}.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true",
+            "--model.preset=tiny",
+            "--model.pretrained={t5: null, blip2: null, dit: null, vae: null, tokenizer: byte}",
+            f"--model.eval_metrics={{dino: {backbones['dino']}, clip_model: {backbones['clip_model']}, "
+            f"clip_pretrained: {backbones['clip_pretrained']}}}",
+            "--model.eval_num_inference_steps=2",
+            "--data.num_workers=0",
+            "--data.predict_batch_size=3",
+            f"--data.benchmark={{name: {name}, root: {tmp_path / 'bench'}{extra}}}",
+            f"--trainer.callbacks.init_args.output_dir={out}",
+            "--trainer.callbacks.init_args.save_images=true",
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["samples"] == EXPECTED_ITEMS[name]
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert (
+        len(rows) == EXPECTED_ITEMS[name]
+        and len(list((out / "images").glob("*.png"))) == EXPECTED_ITEMS[name]
+    )
+    table = (out / "results.md").read_text()
+    assert "| MIGE |" in table and "| copy-the-input baseline |" in table
+    model, base = results["MIGE"], results["copy-the-input baseline"]
+    assert {"DINO", "CLIP-I", "CLIP-T", "L1", "L2"} <= set(model)
+    if name == "emu_edit":
+        # no ground truth: the baseline *is* the reference, so it scores perfectly — exactly what the row exposes
+        assert base["DINO"] > 0.999 and base["L1"] == 0.0 and "CLIPdir" in model
+        assert sum(r["clip_dir"] != "nan" for r in rows) == 2  # identical captions skipped
+    if name in ("magicbrush", "migebench"):
+        assert {"l1_outside", "dino_inside"} <= set(results["extras"]) and "L1 outside mask" in table
+    if name == "migebench":
+        assert {"subject_dino", "subject_clip_i"} <= set(results["extras"]) and "subject DINO" in table
+    header = table.splitlines()[2]
+    expected = {"dreambench": "| | DINO | CLIP-I | CLIP-T |"}.get(name)
+    if expected:
+        assert header == expected
