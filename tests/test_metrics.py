@@ -163,18 +163,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backbones, out):
-    import open_clip
-    import torch.distributed as dist
-
-    open_clip.add_model_config(backbones["clip_cfg"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _scored(backbones, indices) -> dict:
+    """All six metrics updated with the samples at ``indices`` (the same data in every process layout)."""
     m = M.build_metrics(
         dino=backbones["dino"],
         clip_model=backbones["clip_model"],
         clip_pretrained=backbones["clip_pretrained"],
     )
-    idx = list(range(rank, 6, world))
+    idx = list(indices)
     outs, refs = [rand_img(30 + i) for i in idx], [rand_img(40 + i) for i in idx]
     caps_in, caps_out = [f"cap {i}" for i in idx], [f"cap {i}" if i == 2 else f"new {i}" for i in idx]
     m["dino"].update(outs, refs)
@@ -183,7 +179,16 @@ def _worker(rank, world, port, backbones, out):
     m["clip_dir"].update(refs, outs, caps_in, caps_out)
     m["l1"].update(outs, refs)
     m["l2"].update(outs, refs)
-    values = {k: v.compute().item() for k, v in m.items()}  # synced across ranks
+    return m
+
+
+def _worker(rank, world, port, backbones, out):
+    import open_clip
+    import torch.distributed as dist
+
+    open_clip.add_model_config(backbones["clip_cfg"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    values = {k: v.compute().item() for k, v in _scored(backbones, range(rank, 6, world)).items()}  # synced
     if rank == 0:
         torch.save(values, out)
     dist.destroy_process_group()
@@ -194,19 +199,5 @@ def test_metrics_in_two_gloo_processes_equal_the_single_process_values(backbones
     out = str(tmp_path / "dist.pt")
     mp.spawn(_worker, args=(2, _free_port(), backbones, out), nprocs=2, join=True)
     dist_values = torch.load(out)
-    m = M.build_metrics(
-        dino=backbones["dino"],
-        clip_model=backbones["clip_model"],
-        clip_pretrained=backbones["clip_pretrained"],
-    )
-    idx = list(range(6))
-    outs, refs = [rand_img(30 + i) for i in idx], [rand_img(40 + i) for i in idx]
-    caps_in, caps_out = [f"cap {i}" for i in idx], [f"cap {i}" if i == 2 else f"new {i}" for i in idx]
-    m["dino"].update(outs, refs)
-    m["clip_i"].update(outs, refs)
-    m["clip_t"].update(outs, caps_out)
-    m["clip_dir"].update(refs, outs, caps_in, caps_out)
-    m["l1"].update(outs, refs)
-    m["l2"].update(outs, refs)
-    for k, v in m.items():
+    for k, v in _scored(backbones, range(6)).items():
         assert abs(v.compute().item() - dist_values[k]) < 1e-6, k
