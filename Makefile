@@ -5,9 +5,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?= configs/demo.yaml
 PYTEST_ARGS ?=
+NODES   ?= 2
+GPUS_PER_NODE ?= 8
+SLURM_CONFIG ?= configs/mige_xl.yaml configs/trainer/fsdp.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo predict-demo test test-fast lint format bench bench-data bench-sample clean
+.PHONY: help install demo predict-demo test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +53,15 @@ bench-data: $(STAMP) ## data-loading samples/s at 512 px with and without the la
 
 bench-sample: $(STAMP) ## seconds per image per task (tiny, mid) and guidance overhead, CPU
 	$(BIN)/python bench/sample.py
+
+bench-fsdp: $(STAMP) ## per-rank params/grads/AdamW bytes under FSDP2: 1 vs 2 CPU ranks, xl at 8–64 GPUs
+	OMP_NUM_THREADS=1 $(BIN)/python bench/fsdp_memory.py
+
+slurm-dry-run: ## print the SLURM job script slurm-submit would submit (NODES, GPUS_PER_NODE, SLURM_CONFIG)
+	@NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) CONFIG="$(SLURM_CONFIG)" scripts/slurm/submit.sh --dry-run
+
+slurm-submit: ## submit FSDP2 training to SLURM (checkpoints + requeues itself on pre-emption)
+	NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) CONFIG="$(SLURM_CONFIG)" scripts/slurm/submit.sh
 
 clean: ## remove runs, generated demo data and caches (keeps .venv)
 	rm -rf runs data/demo predictions .pytest_cache .ruff_cache

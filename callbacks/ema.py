@@ -2,6 +2,8 @@
 
 Logged keys: none. Checkpoint keys: ``checkpoint["ema"]`` (parameter name → EMA tensor, read by
 ``MIGELightningModule`` to sample with EMA weights) and this callback's own state (for resume).
+Under FSDP2 the EMA tensors are shards laid out like the parameters (DTensors); the module writes
+them into the distributed checkpoint as shards (``mige_lightning/checkpoint_state.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class EMA(L.Callback):
@@ -52,7 +55,7 @@ class EMA(L.Callback):
         params = self._trainable(pl_module)
         names = list(self.shadow)
         torch._foreach_lerp_(
-            [self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - decay
+            [_local(self.shadow[n]) for n in names], [_local(params[n].detach()) for n in names], 1.0 - decay
         )
         self.num_updates += 1
 
@@ -72,7 +75,10 @@ class EMA(L.Callback):
                     p.copy_(backup[n])
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint["ema"] = {n: t.detach().cpu() for n, t in self.shadow.items()}
+        # shards stay where they are: the strategy writes each rank's part
+        checkpoint["ema"] = {
+            n: t.detach() if isinstance(t, DTensor) else t.detach().cpu() for n, t in self.shadow.items()
+        }
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates}
@@ -83,3 +89,8 @@ class EMA(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if "ema" in checkpoint:
             self.shadow = {n: t.clone() for n, t in checkpoint["ema"].items()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: updating it updates the DTensor), else the tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -1,8 +1,12 @@
-"""``python -m mige_lightning {fit,validate,test,predict,cache-latents} --config …`` through LightningCLI.
+"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export} --config …`` through LightningCLI.
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
 a config says otherwise, every run logs to TensorBoard under ``runs/<name>/version_<n>/`` and
 checkpoints into that same run directory (one directory per run, config saved beside it).
+
+Under SLURM, ``fit`` uses ``runs/<name>/slurm_<job id>/`` instead, resumes from the newest
+checkpoint there when no ``--ckpt_path`` is given, and adds the ``SLURMRequeue`` callback
+(checkpoint + ``scontrol requeue`` on the pre-emption signal): see ``mige_lightning/slurm.py``.
 """
 
 from __future__ import annotations
@@ -10,10 +14,14 @@ from __future__ import annotations
 import sys
 import warnings
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from callbacks.slurm_requeue import SLURMRequeue
 from datamodules.datamodule import MIGEDataModule
 from mige_lightning.module import MIGELightningModule
+from mige_lightning.slurm import newest_checkpoint, resume_candidates, use_job_run_dir
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -38,6 +46,21 @@ class MIGECLI(LightningCLI):
         # parser defaults (not Trainer defaults): a config's own logger / callbacks replace them
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":  # under SLURM: runs/<name>/slurm_<job id>/, kept across requeues
+            use_job_run_dir(self.config["fit"]["trainer"])
+
+    def before_fit(self) -> None:
+        if not SLURMEnvironment.detect():
+            return
+        if not any(isinstance(c, SLURMRequeue) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(SLURMRequeue())
+        if self.config_init["fit"].get("ckpt_path") is None:  # a requeued job continues where it stopped
+            path = newest_checkpoint(resume_candidates(self.trainer))
+            if path is not None:
+                rank_zero_info(f"SLURM job restart: resuming from {path}")
+                self.config_init["fit"]["ckpt_path"] = str(path)
+
 
 def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
     argv = list(sys.argv[1:] if args is None else args)
@@ -50,6 +73,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
             cli = _cli(argv[1:], run=False)
         cache_latents(cli.model, cli.datamodule)
         return cli
+    if argv[:1] == ["export"]:
+        # a (sharded) checkpoint → one safetensors file + config, with fit's config for the model
+        from mige_lightning.export import export_main
+
+        return export_main(argv[1:])
     return _cli(args, run=run)
 
 

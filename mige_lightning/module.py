@@ -14,6 +14,13 @@ import lightning as L
 import torch
 from transformers import get_constant_schedule_with_warmup
 
+from mige_lightning.checkpoint_state import (
+    gather_rng_states,
+    pack_ema,
+    rank_rng_state,
+    set_rng_state,
+    unpack_ema,
+)
 from mige_lightning.condition_dropout import draw_condition_dropout
 from mige_lightning.diffusion import GaussianDiffusion
 from mige_lightning.evaluation import BenchmarkEvaluator
@@ -21,6 +28,7 @@ from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
 from mige_lightning.pipeline import MIGEPipeline, make_scheduler
 from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt
+from mige_lightning.sharding import enable_activation_checkpointing, shard_mige
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,9 @@ class MIGELightningModule(L.LightningModule):
     pretrained: hub ids or local dirs per component, merged into the preset's (null = random init).
     lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up then constant (SPEC §3).
     p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance (SPEC §3).
-    gradient_checkpointing: recompute DiT / T5 activations in the backward pass.
+    gradient_checkpointing: recompute DiT / T5 / Q-Former block activations in the backward pass.
+    fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2, ``configs/trainer/fsdp.yaml``):
+        bf16 parameters and compute, fp32 gradient reduction and master weights.
     sampler: ``dpm++`` (DPM-Solver++ 2M), ``ddim`` or ``euler`` for ``predict`` / validation sampling.
     sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).
     predict_seed: base seed; a request without its own seed uses base + its index in the file.
@@ -62,6 +72,7 @@ class MIGELightningModule(L.LightningModule):
         p_drop_input: float = 0.05,
         p_drop_both: float = 0.05,
         gradient_checkpointing: bool = False,
+        fsdp_mixed_precision: bool = False,
         sampler: str = "dpm++",
         sample_with_ema: bool = True,
         predict_seed: int = 0,
@@ -77,6 +88,7 @@ class MIGELightningModule(L.LightningModule):
         )
         self.model: MIGE | None = None
         self._ema_weights: dict[str, torch.Tensor] | None = None
+        self._resume_rng: dict | None = None  # this rank's RNG states, set at the first step after a resume
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -84,8 +96,9 @@ class MIGELightningModule(L.LightningModule):
         if self.model is None:
             self.model = build_mige(self.config)
             if self.hparams.gradient_checkpointing:
-                self.model.dit.enable_gradient_checkpointing()
-                self.model.encoder.t5.gradient_checkpointing_enable()
+                enable_activation_checkpointing(self.model)
+            if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (mige_lightning/sharding.py)
+                shard_mige(self.model, self.device_mesh, mixed_precision=self.hparams.fsdp_mixed_precision)
         # runs after the data module's setup and before its dataloaders are built
         self.connect_datamodule()
 
@@ -179,6 +192,12 @@ class MIGELightningModule(L.LightningModule):
             )
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restored here, after the data loader was rebuilt (which draws from the global generator)
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
     # ---------------------------------------------------------------------------------- optimiser
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -198,8 +217,17 @@ class MIGELightningModule(L.LightningModule):
     # -------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mige"] = {"prompt_version": PROMPT_VERSION, "config": self.config.to_dict()}
+        checkpoint["rng_states"] = gather_rng_states()  # every rank's, for an exact resume
+        pack_ema(checkpoint)  # sharded EMA weights → shards of a distributed checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None:
+            params = dict(self.named_parameters())
+            unpack_ema(checkpoint, path=self.trainer.ckpt_path, params=params)
+            if self.trainer.state.fn == "fit":
+                states = checkpoint.get("rng_states")
+                world = self.trainer.world_size
+                self._resume_rng = rank_rng_state(states, rank=self.global_rank, world_size=world)
         self._ema_weights = checkpoint.get("ema")
         saved = checkpoint.get("mige", {}).get("prompt_version", PROMPT_VERSION)
         if saved != PROMPT_VERSION:

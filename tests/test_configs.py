@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 OVERLAYS = [p for p in CONFIGS if p.parent.name == "debug"]
 PREDICT_OVERLAYS = [p for p in CONFIGS if p.parent.name == "predict"]  # exercised in test_predict.py
-MAIN_CONFIGS = [p for p in CONFIGS if p not in OVERLAYS + PREDICT_OVERLAYS]
+TRAINER_OVERLAYS = [p for p in CONFIGS if p.parent.name == "trainer"]  # 2-process runs in test_fsdp.py
+MAIN_CONFIGS = [p for p in CONFIGS if p not in OVERLAYS + PREDICT_OVERLAYS + TRAINER_OVERLAYS]
 CPU_STEP = [
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",

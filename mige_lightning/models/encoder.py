@@ -18,6 +18,12 @@ from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.prompt import split_placeholders
 
 
+def in_graph_zero(tensor: torch.Tensor) -> torch.Tensor:
+    """An exact 0 that depends on ``tensor``: adding it keeps the sub-network that made ``tensor``
+    in the autograd graph (its parameters get zero gradients instead of none)."""
+    return tensor.flatten()[:0].sum()
+
+
 @dataclass
 class Interleaved:
     embeds: torch.Tensor  # [B, T, D] T5 input embeddings, zero padding
@@ -43,6 +49,7 @@ class MultimodalEncoder(nn.Module):
         self.t5 = t5
         self.tokenizer = tokenizer  # not a module: no parameters, not sharded
         self.max_length = max_length
+        self.run_every_branch = False  # see MIGE.run_every_branch
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -166,10 +173,17 @@ class MultimodalEncoder(nn.Module):
         counts[b] = images of sample b → hidden states [B, T, D_t5] and mask [B, T]."""
         if pixels.shape[0] != sum(counts):
             raise ValueError(f"{pixels.shape[0]} images given but counts add up to {sum(counts)}")
+        ghost = pixels.shape[0] == 0 and self.run_every_branch
         if pixels.shape[0] > 0:
             tokens = self.image_tokens(pixels, visual_tokens)
+        elif ghost:  # no image here, maybe on other ranks: ViT / Q-Former on one zero image, none kept
+            channels = self.vision.embeddings.patch_embedding.in_channels
+            size = (1, channels, self.vision.config.image_size, self.vision.config.image_size)
+            visual = visual_tokens.new_zeros(1, *visual_tokens.shape[1:]) + in_graph_zero(visual_tokens)
+            tokens = self.image_tokens(pixels.new_zeros(size), visual)[:0]
         else:  # no image in the whole batch: skip the ViT / Q-Former entirely
             tokens = self.projection.weight.new_zeros(0, self.num_query_tokens, self.projection.out_features)
         inputs = self.interleave(prompts, tokens, counts, pad_to_max_length=pad_to_max_length)
-        hidden = self.t5(inputs_embeds=inputs.embeds, attention_mask=inputs.mask).last_hidden_state
+        embeds = inputs.embeds + in_graph_zero(tokens) if ghost else inputs.embeds
+        hidden = self.t5(inputs_embeds=embeds, attention_mask=inputs.mask).last_hidden_state
         return hidden, inputs.mask

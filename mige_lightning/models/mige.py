@@ -21,7 +21,7 @@ from transformers import (
 from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder, build_autoencoder
 from mige_lightning.models.dit import build_dit, patch_tokens
-from mige_lightning.models.encoder import MultimodalEncoder
+from mige_lightning.models.encoder import MultimodalEncoder, in_graph_zero
 from mige_lightning.models.loading import (
     BYTE_TOKENIZER,
     load_blip2_parts,
@@ -44,6 +44,18 @@ class MIGE(nn.Module):
         self.encoder = encoder
         self.dit = dit
         self.autoencoder = autoencoder
+
+    @property
+    def run_every_branch(self) -> bool:
+        """Run every sub-network on every call, even for a batch with no reference image or with
+        every condition dropped (one stand-in image or sample, whose output is discarded but kept
+        in the autograd graph). Sharded data parallel needs it: each rank must gather and reduce
+        the same parameters in the same order."""
+        return self.encoder.run_every_branch
+
+    @run_every_branch.setter
+    def run_every_branch(self, value: bool) -> None:
+        self.encoder.run_every_branch = bool(value)
 
     @property
     def null_condition(self) -> torch.Tensor:
@@ -77,24 +89,18 @@ class MIGE(nn.Module):
         keep = torch.ones(batch, dtype=torch.bool, device=ref_mask.device) if drop is None else ~drop
         kept = keep.nonzero().flatten().tolist()
         null_len, width = self.null_condition.shape
+        refs = dict(ref_pixels=ref_pixels, ref_latents=ref_latents, ref_mask=ref_mask)
         if not kept:
             cond = self.null_condition.expand(batch, -1, -1)
-            return cond, torch.ones(batch, null_len, dtype=torch.long, device=cond.device)
-        if ref_latents.shape[0] != int(ref_mask.sum()):
-            raise ValueError(
-                f"{ref_latents.shape[0]} reference latents for {int(ref_mask.sum())} real images"
-            )
-        mask = ref_mask[kept]  # [B', M]
-        pixels = ref_pixels[kept][mask]  # [N', 3, Hv, Wv] real images, sample-major order
-        latents = ref_latents[keep.repeat_interleave(ref_mask.sum(1))]  # [N', C, h, w]
-        visual = patch_tokens(self.dit, latents) if latents.shape[0] else latents.new_zeros(0, 1, 1)
-        hidden, hidden_mask = self.encoder(
-            [prompts[i] for i in kept],
-            pixels=pixels,
-            visual_tokens=visual,
-            counts=mask.sum(1).tolist(),
-            pad_to_max_length=pad_to_max_length,
-        )
+            ones = torch.ones(batch, null_len, dtype=torch.long, device=cond.device)
+            if not self.run_every_branch:
+                return cond, ones
+            # every rank runs the encoder: encode sample 0 as a stand-in and keep none of it
+            ghost = torch.zeros_like(keep)
+            ghost[0] = True
+            hidden, _ = self._encode_kept(prompts, ghost, **refs, pad_to_max_length=pad_to_max_length)
+            return cond + in_graph_zero(hidden).to(cond.dtype), ones
+        hidden, hidden_mask = self._encode_kept(prompts, keep, **refs, pad_to_max_length=pad_to_max_length)
         if len(kept) == batch:
             return hidden, hidden_mask
         length = max(hidden.shape[1], null_len)
@@ -105,6 +111,41 @@ class MIGE(nn.Module):
         cond[~keep, :null_len] = self.null_condition.to(hidden.dtype)
         cond_mask[~keep, :null_len] = 1
         return cond, cond_mask
+
+    def _encode_kept(
+        self,
+        prompts: list[str],
+        keep: torch.Tensor,
+        *,
+        ref_pixels: torch.Tensor,
+        ref_latents: torch.Tensor,
+        ref_mask: torch.Tensor,
+        pad_to_max_length: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder over the samples where ``keep`` [B] is True → hidden [B', T, D], mask [B', T]."""
+        if ref_latents.shape[0] != int(ref_mask.sum()):
+            raise ValueError(
+                f"{ref_latents.shape[0]} reference latents for {int(ref_mask.sum())} real images"
+            )
+        kept = keep.nonzero().flatten().tolist()
+        mask = ref_mask[kept]  # [B', M]
+        pixels = ref_pixels[kept][mask]  # [N', 3, Hv, Wv] real images, sample-major order
+        latents = ref_latents[keep.repeat_interleave(ref_mask.sum(1))]  # [N', C, h, w]
+        if latents.shape[0]:
+            visual = patch_tokens(self.dit, latents)
+        elif self.run_every_branch:  # no image here, maybe on other ranks: a zero latent, none kept
+            size = self.dit.config.sample_size
+            ghost = latents.new_zeros(1, self.latent_channels, size, size)
+            visual = patch_tokens(self.dit, ghost)[:0]  # [0, L, D], still in the autograd graph
+        else:
+            visual = latents.new_zeros(0, 1, 1)
+        return self.encoder(
+            [prompts[i] for i in kept],
+            pixels=pixels,
+            visual_tokens=visual,
+            counts=mask.sum(1).tolist(),
+            pad_to_max_length=pad_to_max_length,
+        )
 
     def encode_references(
         self, ref_vae: torch.Tensor, ref_mask: torch.Tensor, *, sample: bool = True

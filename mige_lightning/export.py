@@ -1,0 +1,168 @@
+"""``python -m mige_lightning export``: a training checkpoint → one ``safetensors`` file + config.
+
+    python -m mige_lightning export --config configs/mige_xl.yaml --config configs/trainer/fsdp.yaml \\
+        --ckpt_path runs/mige_xl/slurm_123/checkpoints/last.ckpt --output exports/mige_xl [--weights ema]
+
+The checkpoint is a sharded folder (``ModelParallelStrategy``: ``.distcp`` shards + ``meta.pt``) or
+a single ``.ckpt`` file; it is read in one process, whatever the world size that wrote it. The
+config describes the model, as for ``fit`` (a checkpoint of another architecture is an error
+naming the field). Writes ``<output>/model.safetensors`` (the module's whole state dict, full
+tensors; tied weights once) and ``<output>/config.json`` (hyper-parameters, the resolved
+``MIGEConfig``, which weights, the step). ``load_exported(<output>)`` rebuilds the module on one
+device; ``module.pipeline()`` samples from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from datamodules.datamodule import MIGEDataModule
+from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY
+from mige_lightning.cli import MIGECLI
+from mige_lightning.module import MIGELightningModule
+from mige_lightning.prompt import PROMPT_VERSION
+
+FORMAT = "mige_lightning.export/1"
+WEIGHTS = ("auto", "raw", "ema")
+
+
+class _ModelOnlyCLI(MIGECLI):
+    """Parses fit's config and builds the model and data module, but no Trainer (no devices needed)."""
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+
+def read_checkpoint(module: MIGELightningModule, path: Path) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Load the checkpoint's weights into ``module`` (built, unsharded); returns its metadata and
+    the EMA weights (full tensors) when it has them."""
+    params = dict(module.named_parameters())
+    if (path / "meta.pt").is_file():  # sharded: read every rank's shards here, in one process
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        _check_same_model(module, meta, path)
+        _load_shards(module.state_dict(), path)
+        ema = None
+        if meta.get(SHARDED_EMA_KEY):
+            ema = {EMA_PREFIX + n: torch.empty_like(params[n]) for n in meta[SHARDED_EMA_KEY]}
+            _load_shards(ema, path)
+            ema = {n[len(EMA_PREFIX) :]: t for n, t in ema.items()}
+        return meta, ema
+    if path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        _check_same_model(module, ckpt, path)
+        module.load_state_dict(ckpt.pop("state_dict"))
+        return ckpt, ckpt.pop("ema", None)
+    raise FileNotFoundError(
+        f"--ckpt_path: '{path}' is neither a checkpoint file nor a sharded checkpoint folder"
+    )
+
+
+def _load_shards(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fill ``state`` (full tensors, in place) from the ``state_dict`` shards of every rank."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "torch.distributed is disabled … single process": intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"state_dict": state}, checkpoint_id=str(path), no_dist=True)
+
+
+def _check_same_model(module: MIGELightningModule, meta: dict, path: Path) -> None:
+    saved = meta.get("mige", {})
+    if saved.get("prompt_version", PROMPT_VERSION) != PROMPT_VERSION:
+        raise ValueError(
+            f"{path}: trained with prompt version {saved['prompt_version']}, this code builds {PROMPT_VERSION}"
+        )
+    mine = module.config.to_dict()
+    for field, value in saved.get("config", {}).items():
+        if field != "pretrained" and _plain(mine.get(field)) != _plain(value):
+            raise ValueError(
+                f"model.{field}: the config builds {mine.get(field)!r} but {path} was trained with {value!r}"
+            )
+
+
+def _plain(value):
+    """JSON round trip, so tuples and lists compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def export_checkpoint(
+    module: MIGELightningModule, ckpt_path: str | Path, output: str | Path, *, weights: str = "auto"
+) -> Path:
+    """Write ``output/model.safetensors`` + ``output/config.json``; returns the safetensors path."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights: {weights!r}; choose one of {WEIGHTS}")
+    ckpt_path, output = Path(ckpt_path), Path(output)
+    module.configure_model()
+    meta, ema = read_checkpoint(module, ckpt_path)
+    if weights == "ema" and not ema:
+        raise ValueError(f"--weights ema: {ckpt_path} has no EMA weights (train with callbacks.ema.EMA)")
+    use_ema = weights == "ema" or (weights == "auto" and bool(ema))
+    if use_ema:
+        module._ema_weights = ema
+        module.use_ema_weights()
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / "model.safetensors"
+    save_model(module, str(target), metadata={"format": "pt"})
+    config = {
+        "format": FORMAT,
+        "hparams": _plain({k: v for k, v in module.hparams.items() if not k.startswith("_")}),
+        "mige_config": _plain(module.config.to_dict()),
+        "weights": "ema" if use_ema else "raw",
+        "global_step": meta.get("global_step"),
+        "prompt_version": PROMPT_VERSION,
+        "checkpoint": str(ckpt_path),
+    }
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return target
+
+
+def load_exported(directory: str | Path, *, device: str | torch.device = "cpu") -> MIGELightningModule:
+    """An exported model on one device, in eval mode (``.pipeline()`` samples from it)."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{directory}/config.json: not a {FORMAT} export")
+    if config["prompt_version"] != PROMPT_VERSION:
+        raise ValueError(
+            f"{directory}: exported with prompt version {config['prompt_version']}, this code builds {PROMPT_VERSION}"
+        )
+    module = MIGELightningModule(**config["hparams"])
+    module.configure_model()
+    load_model(module, str(directory / "model.safetensors"), strict=True, device=str(device))
+    return module.to(device).eval()
+
+
+def export_main(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m mige_lightning export",
+        description="Write one safetensors file + config.json from a (sharded) training checkpoint. "
+        "Other arguments (--config …, --model.…) describe the model, as for `fit`.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="sharded checkpoint folder or .ckpt file")
+    parser.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS,
+        help="auto: the EMA weights when the checkpoint has them",
+    )
+    args, rest = parser.parse_known_args(argv)
+    with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _ModelOnlyCLI(
+            MIGELightningModule,
+            MIGEDataModule,
+            subclass_mode_data=False,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            args=rest,
+            run=False,
+        )
+    target = export_checkpoint(cli.model, args.ckpt_path, args.output, weights=args.weights)
+    print(f"wrote {target} and {target.parent / 'config.json'}")
+    return target

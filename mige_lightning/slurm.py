@@ -1,0 +1,80 @@
+"""SLURM glue for ``fit``: one run directory per job, kept across requeues, and resume from the
+newest checkpoint in it.
+
+Under SLURM (``SLURMEnvironment.detect()``) the TensorBoard run directory is
+``<save_dir>/<name>/slurm_<job id>/`` instead of the next ``version_<n>`` — a requeued job keeps
+its id, so its events, ``config.yaml`` and ``checkpoints/`` continue in the same place — and the
+Trainer's ``default_root_dir`` (where ``hpc_ckpt_<n>.ckpt`` pre-emption checkpoints go) is that
+directory too. A start without ``--ckpt_path`` resumes from the checkpoint with the highest step
+among ``hpc_ckpt_*.ckpt`` and the ``last*.ckpt`` of each ``ModelCheckpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from callbacks.slurm_requeue import slurm_job_id
+
+log = logging.getLogger(__name__)
+
+
+def job_run_version() -> str | None:
+    """``slurm_<job id>`` under SLURM, else None."""
+    job = slurm_job_id() if SLURMEnvironment.detect() else None
+    return f"slurm_{job}" if job else None
+
+
+def use_job_run_dir(trainer_config) -> str | None:
+    """Fix the TensorBoard logger's version and the Trainer's ``default_root_dir`` to the job's run
+    directory (in the parsed ``trainer`` config, before instantiation); returns it, or None."""
+    version = job_run_version()
+    logger = trainer_config.get("logger")
+    if version is None or not logger or isinstance(logger, (bool, list)):
+        return None
+    if not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return None
+    args = logger.init_args
+    if args.get("version") is None:
+        args.version = version
+    run_dir = str(Path(args.save_dir) / (args.get("name") or "") / str(args.version))
+    if trainer_config.get("default_root_dir") is None:
+        trainer_config.default_root_dir = run_dir
+    return run_dir
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint (file, or sharded folder with ``meta.pt``) was saved at."""
+    source = path / "meta.pt" if path.is_dir() else path
+    return int(
+        torch.load(source, map_location="cpu", mmap=not path.is_dir(), weights_only=False)["global_step"]
+    )
+
+
+def newest_checkpoint(candidates: Iterable[Path]) -> Path | None:
+    """The candidate with the highest step (ties: a pre-emption checkpoint, then the newer file)."""
+    ranked = []
+    for path in candidates:
+        try:
+            step = checkpoint_step(path)
+        except Exception as e:  # a checkpoint cut short by the job's end: skip it, say so
+            log.warning("ignoring unreadable checkpoint %s: %s", path, e)
+            continue
+        ranked.append(((step, path.name.startswith("hpc_ckpt_"), path.stat().st_mtime), path))
+    return max(ranked, key=lambda r: r[0])[1] if ranked else None
+
+
+def resume_candidates(trainer) -> list[Path]:
+    """Pre-emption checkpoints in ``default_root_dir`` and every ``ModelCheckpoint``'s ``last*.ckpt``."""
+    found = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    for callback in trainer.checkpoint_callbacks:
+        directory = getattr(callback, "dirpath", None)
+        if directory is None and trainer.log_dir is not None:
+            directory = Path(trainer.log_dir) / "checkpoints"
+        if directory is not None:
+            found += Path(directory).glob("last*.ckpt")
+    return found

@@ -1,0 +1,173 @@
+"""SLURM: the job's run directory survives a requeue, resume picks the newest checkpoint, and a
+simulated 2-task job (the environment ``srun`` sets, a fake ``scontrol``) answers SIGUSR1 with a
+checkpoint and a requeue request, then its next start resumes from that checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from jsonargparse import Namespace
+
+from callbacks.slurm_requeue import next_hpc_checkpoint, slurm_job_id
+from mige_lightning.slurm import newest_checkpoint, use_job_run_dir
+from tests.fsdp_probe import cli_env, fit_command, write_overlay
+from tests.test_sharding import free_port
+
+JOB = "4242"
+FIT = {"accumulate_grad_batches": 2}  # the signal may come between micro-batches: act after the step
+
+
+def slurm_env(monkeypatch, **extra) -> None:
+    for key in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mige", "SLURM_JOB_ID": JOB, **extra}.items():
+        monkeypatch.setenv(key, value)
+
+
+def trainer_config(version=None, root=None) -> Namespace:
+    logger = Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger",
+        init_args=Namespace(save_dir="runs", name="demo", version=version),
+    )
+    return Namespace(logger=logger, default_root_dir=root)
+
+
+def test_run_directory_is_named_after_the_job(monkeypatch):
+    for key in ("SLURM_NTASKS", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = trainer_config()
+    assert use_job_run_dir(cfg) is None and cfg.logger.init_args.version is None  # not under SLURM
+    slurm_env(monkeypatch)
+    assert use_job_run_dir(cfg) == f"runs/demo/slurm_{JOB}"
+    assert cfg.logger.init_args.version == f"slurm_{JOB}" and cfg.default_root_dir == f"runs/demo/slurm_{JOB}"
+    explicit = trainer_config(version="mine", root="elsewhere")  # a config's own choice stays
+    use_job_run_dir(explicit)
+    assert explicit.logger.init_args.version == "mine" and explicit.default_root_dir == "elsewhere"
+    slurm_env(monkeypatch, SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="3")
+    assert slurm_job_id() == "77_3"
+    slurm_env(monkeypatch, SLURM_JOB_NAME="interactive")  # `srun --pty bash`-style sessions: not a job
+    assert use_job_run_dir(trainer_config()) is None
+
+
+def _fake_checkpoint(path: Path, step: int, *, sharded: bool = True) -> Path:
+    if sharded:
+        path.mkdir(parents=True)
+        torch.save({"global_step": step}, path / "meta.pt")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": step, "state_dict": {}}, path)
+    return path
+
+
+def test_resume_picks_the_highest_step_and_skips_a_broken_checkpoint(tmp_path):
+    last = _fake_checkpoint(tmp_path / "checkpoints/last.ckpt", 120)
+    hpc1 = _fake_checkpoint(tmp_path / "hpc_ckpt_1.ckpt", 100)
+    assert newest_checkpoint([last, hpc1]) == last  # a later periodic checkpoint beats an old pre-emption
+    hpc2 = _fake_checkpoint(tmp_path / "hpc_ckpt_2.ckpt", 120)
+    assert newest_checkpoint([last, hpc1, hpc2]) == hpc2  # same step: the pre-emption checkpoint
+    broken = tmp_path / "hpc_ckpt_3.ckpt"
+    broken.mkdir()  # cut short: no meta.pt
+    assert newest_checkpoint([last, hpc2, broken]) == hpc2
+    single = _fake_checkpoint(tmp_path / "other/last.ckpt", 130, sharded=False)
+    assert newest_checkpoint([hpc2, single]) == single
+    assert newest_checkpoint([]) is None
+    assert next_hpc_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_4.ckpt"
+
+
+def _srun(overlay: Path, cwd: Path, tag: str) -> list[subprocess.Popen]:
+    """Start the 2 tasks of a one-node job the way srun does: same command, SLURM_PROCID per task."""
+    procs, port = [], free_port()
+    for rank in range(2):
+        env = cli_env(
+            PATH=f"{cwd / 'bin'}:{cli_env()['PATH']}",
+            SLURM_JOB_ID=JOB,
+            SLURM_JOB_NAME="mige-test",
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="2",
+            SLURM_NNODES="1",
+            SLURM_NODEID="0",
+            SLURM_NODELIST="localhost",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        log = (cwd / f"{tag}-task{rank}.log").open("w")
+        procs.append(
+            subprocess.Popen(fit_command(overlay), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], cwd: Path, tag: str, timeout: float = 300) -> None:
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(cwd.glob(f"{tag}-task*.log")))
+    assert codes == [0, 0], logs
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_the_next_start_resumes(tmp_path):
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin/scontrol"  # stands in for SLURM's: records what it was asked
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    scontrol.chmod(0o755)
+    run_dir = tmp_path / "runs/demo" / f"slurm_{JOB}"
+    first = write_overlay(
+        tmp_path / "first.yaml",
+        world=tmp_path / "world",
+        probe=tmp_path / "probe1",
+        every=2,
+        **{**FIT, "max_steps": 1000},
+    )
+    procs = _srun(first, tmp_path, "first")
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints/last.ckpt/meta.pt").is_file():  # both tasks are training
+        assert all(p.poll() is None for p in procs), "a task exited before training"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.5)
+    for p in procs:  # what SLURM does 90 s before the end (--signal=SIGUSR1@90)
+        p.send_signal(signal.SIGUSR1)
+    _wait(procs, tmp_path, "first")
+
+    assert (tmp_path / "scontrol.log").read_text() == f"requeue {JOB}\n"  # once, from rank 0
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    step = torch.load(hpc / "meta.pt", weights_only=True)["global_step"]
+    assert 2 <= step < 1000
+    for rank in range(2):
+        rows = json.loads((tmp_path / "probe1" / f"rank{rank}.json").read_text())["rows"]
+        # stopped right after the pre-emption checkpoint, which came after an optimiser step
+        assert rows[-1]["step"] == step and len(rows) == 2 * step
+
+    # the requeued job: same id, no --ckpt_path, two more steps
+    second = write_overlay(
+        tmp_path / "second.yaml",
+        world=tmp_path / "world",
+        probe=tmp_path / "probe2",
+        every=2,
+        **{**FIT, "max_steps": step + 2},
+    )
+    _wait(_srun(second, tmp_path, "second"), tmp_path, "second")
+    log = (tmp_path / "second-task0.log").read_text()
+    assert f"resuming from {hpc.relative_to(tmp_path)}" in log and "Restored all states" in log
+    for rank in range(2):
+        rows = json.loads((tmp_path / "probe2" / f"rank{rank}.json").read_text())["rows"]
+        assert [r["step"] for r in rows] == [step, step + 1, step + 1, step + 2]  # 2 micro-batches a step
+    assert [p.name for p in (tmp_path / "runs/demo").iterdir()] == [f"slurm_{JOB}"]  # no new version
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # one per start, same directory
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [s.step for s in events.Scalars("train/loss")]
+    assert logged == list(range(step + 2))  # continuous, no step logged twice
