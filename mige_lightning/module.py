@@ -192,6 +192,13 @@ class MIGELightningModule(L.LightningModule):
             )
         return loss
 
+    def on_train_start(self) -> None:
+        # Lightning seeds every rank alike: offset the global generator by rank so ranks draw
+        # different timesteps, noise and dropout for their different samples (a resume then
+        # restores each rank's own saved state in on_train_batch_start)
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # restored here, after the data loader was rebuilt (which draws from the global generator)
         if self._resume_rng is not None:

@@ -100,3 +100,21 @@ def test_samples_per_task_are_logged_per_epoch(tmp_path):
         and m["train/samples_subject_edit"] == 4
         and m["train/samples_edit"] == 0
     )
+
+
+def test_ranks_draw_different_noise_after_the_same_seed():
+    from types import SimpleNamespace
+
+    module = MIGELightningModule("tiny")
+
+    def draws(world_size: int, rank: int) -> torch.Tensor:
+        L.seed_everything(0, verbose=False)  # Lightning seeds every rank with the same seed
+        module._trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+        module.on_train_start()
+        return torch.rand(4)
+
+    single = draws(1, 0)
+    L.seed_everything(0, verbose=False)
+    assert torch.equal(single, torch.rand(4))  # one process: the seed is left as configured
+    assert not torch.equal(draws(2, 0), draws(2, 1))  # ranks no longer share timesteps / noise
+    assert torch.equal(draws(2, 1), draws(2, 1))  # still deterministic per rank
