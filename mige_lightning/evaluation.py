@@ -82,14 +82,13 @@ class BenchmarkEvaluator(nn.Module):
             build_metrics(dino=dino, clip_model=clip_model, clip_pretrained=clip_pretrained)
         )
         extra: dict[str, MeanScore] = {"l1_outside": MaskedPixelError(1), "l2_outside": MaskedPixelError(2)}
-        for name, metric in list(self.model_metrics.items()):
+        for metric in self.model_metrics.values():
             if isinstance(metric, DINOScore):
                 extra["dino_inside"] = DINOScore(metric.embedder)
                 extra["subject_dino"] = DINOScore(metric.embedder)
             if isinstance(metric, CLIPImageScore):
                 extra["clip_i_inside"] = CLIPImageScore(metric.embedder)
                 extra["subject_clip_i"] = CLIPImageScore(metric.embedder)
-            del name
         self.extra_metrics = nn.ModuleDict(extra)
         self.crop = resolve_crop_fn(crop_fn)
 

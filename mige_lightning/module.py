@@ -114,7 +114,10 @@ class MIGELightningModule(L.LightningModule):
             vision_mean=self.config.vision_mean,
             vision_std=self.config.vision_std,
             max_images=self.config.max_images,
-            vae_identity=self.model.autoencoder.identity(),
+            # hashing the VAE's weights costs ~1 s at paper size: only a latent cache needs it
+            vae_identity=self.model.autoencoder.identity()
+            if getattr(datamodule, "latent_cache", None)
+            else None,
         )
 
     # ----------------------------------------------------------------------------------- training
