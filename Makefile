@@ -10,7 +10,7 @@ GPUS_PER_NODE ?= 8
 SLURM_CONFIG ?= configs/mige_xl.yaml configs/trainer/fsdp.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo predict-demo test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
+.PHONY: help install demo predict-demo replicate-mutual bench-curve bench-targets test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -26,10 +26,20 @@ install: $(STAMP) ## create .venv and install the package with its dev extras
 demo: $(STAMP) ## train the tiny preset on CPU on generated data (configs/demo.yaml)
 	$(BIN)/python -m mige_lightning fit --config $(CONFIG)
 
-predict-demo: $(STAMP) ## sample the held-out requests with the newest demo checkpoint → predictions/demo/
+predict-demo: $(STAMP) ## sample the held-out requests with the newest demo checkpoint, judge them → predictions/demo/
 	@ckpt=$$(ls -td runs/demo/version_*/checkpoints/last.ckpt 2>/dev/null | head -1); \
 	test -n "$$ckpt" || { echo "no demo checkpoint under runs/demo: run 'make demo' first"; exit 1; }; \
 	$(BIN)/python -m mige_lightning predict --config $(CONFIG) --config configs/predict/demo.yaml --ckpt_path $$ckpt
+	$(BIN)/python -m mige_lightning judge-synthetic --world data/demo --predictions predictions/demo
+
+replicate-mutual: $(STAMP) ## joint vs single-task training on the synthetic world, 4 settings × 3 seeds (~1 h) → docs/RESULTS.md
+	$(BIN)/python bench/replicate_mutual.py
+
+bench-curve: $(STAMP) ## the demo's held-out scene accuracy against wall time, 30 minutes
+	$(BIN)/python bench/learning_curve.py --minutes 30 --every 500
+
+bench-targets: $(STAMP) ## epsilon vs v vs x0 prediction (and min-SNR) on the demo at equal steps (~12 min)
+	$(BIN)/python bench/compare_targets.py --steps 400
 
 test: $(STAMP) ## run the whole test suite (slow tests included, as CI does)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -64,4 +74,4 @@ slurm-submit: ## submit FSDP2 training to SLURM (checkpoints + requeues itself o
 	NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) CONFIG="$(SLURM_CONFIG)" scripts/slurm/submit.sh
 
 clean: ## remove runs, generated demo data and caches (keeps .venv)
-	rm -rf runs data/demo predictions .pytest_cache .ruff_cache
+	rm -rf runs data/demo data/mutual predictions eval .pytest_cache .ruff_cache

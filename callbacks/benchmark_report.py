@@ -89,6 +89,10 @@ class BenchmarkReport(L.Callback):
             lines.append(
                 "| paper (MIGE) | " + " | ".join(_fmt(PAPER_RESULTS[name].get(c)) for c in columns) + " |"
             )
+        if results.get("scenes"):  # synthetic world: the pixel judge per task and kind
+            from datamodules.scene_judge import format_table
+
+            lines += ["", "## Scene judge (scene / element accuracy)", "", format_table(results["scenes"])]
         if results["extras"]:
             lines += ["", "| extra | value |", "|---|---|"]
             lines += [f"| {EXTRA_NAMES.get(k, k)} | {_fmt(v)} |" for k, v in results["extras"].items()]

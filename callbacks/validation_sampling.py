@@ -3,6 +3,9 @@
 Logged keys: ``val/<task>/l1``, ``val/<task>/l2`` always; ``val/<task>/dino`` and
 ``val/<task>/clip_i`` when ``model.eval_metrics`` configures the backbones (never on random
 weights); TensorBoard images ``val/<task>/grid`` (rows: source | references | output | target).
+On the synthetic world (``data.synthetic``) the pixel judge (``datamodules/scene_judge.py``) also
+logs ``val/<task>/scene_acc`` and ``val/<task>/element_acc``, and once, at the first validation,
+the copy-the-input baseline's ``val_baseline/<task>/{scene_acc,element_acc,l1,l2}``.
 
 Every rank samples its shard of the subset (all ranks run the same number of forwards, which
 FSDP requires), metrics are synced by torchmetrics, and only rank 0 writes images. When an
@@ -19,7 +22,8 @@ from torchvision.utils import make_grid
 
 from callbacks.ema import EMA
 from datamodules.images import load_rgb
-from mige_lightning.metrics import build_metrics
+from datamodules.scene_judge import SceneAccuracy, load_truth, world_size
+from mige_lightning.metrics import L1Distance, L2Distance, build_metrics
 from mige_lightning.prompt import Task
 
 
@@ -28,14 +32,21 @@ class ValidationSampling(L.Callback):
         self,
         every_n_steps: int = 500,
         *,
-        num_per_task: int = 4,
-        num_inference_steps: int = 20,
+        num_per_task: int | None = 4,
+        num_inference_steps: int | None = 20,
         seed: int = 0,
         log_images: bool = True,
+        scene_judge: bool = True,
     ):
+        """``num_per_task``: held-out records sampled per task (null: all of them);
+        ``num_inference_steps``: null = the per-task defaults; ``scene_judge``: score with the
+        pixel judge when the data module generates the synthetic world."""
         self.every_n_steps, self.num_per_task = every_n_steps, num_per_task
         self.num_inference_steps, self.seed, self.log_images = num_inference_steps, seed, log_images
+        self.scene_judge = scene_judge
         self.metrics: dict | None = None
+        self.truth: dict | None = None  # target path → judged sample, on the synthetic world
+        self._baseline_logged = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         cfg = dict(pl_module.hparams.eval_metrics or {})
@@ -53,6 +64,13 @@ class ValidationSampling(L.Callback):
         }
         records = trainer.datamodule.val_records()
         self.subset = {t: [r for r in records if r.task is t][: self.num_per_task] for t in Task}
+        world = getattr(trainer.datamodule, "synthetic", None)
+        if self.scene_judge and world:
+            root = world.get("root", "data/demo")
+            self.truth = {str(s.target): s for s in load_truth(root, "heldout").values()}
+            size = world_size(root)
+            for task in Task:
+                self.metrics[task]["scene"] = SceneAccuracy(size=size)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -92,15 +110,15 @@ class ValidationSampling(L.Callback):
                 source=[load_rgb(r.source) if r.source else None for _, r in mine],
                 num_inference_steps=self.num_inference_steps,
                 seeds=[self.seed + i for i, _ in mine],
+                batch_invariant=False,  # one forward per step for the whole shard: validation speed
             )
             outputs, targets = out.images[:n_real], [load_rgb(r.target) for _, r in mine[:n_real]]
-            scalars = {}
-            for name, metric in self.metrics[task].items():
-                metric.reset()
-                metric.update(outputs, targets)  # every rank updates (possibly nothing) and syncs
-                value = metric.compute()
-                if not torch.isnan(value):
-                    scalars[f"val/{task.value}/{name}"] = value.item()
+            scalars = self._score(task, outputs, targets, [r for _, r in mine[:n_real]], prefix="val")
+            if self.truth is not None and not self._baseline_logged:
+                inputs = [load_rgb(self.truth[str(r.target)].input_image) for _, r in mine[:n_real]]
+                scalars.update(
+                    self._score(task, inputs, targets, [r for _, r in mine[:n_real]], prefix="val_baseline")
+                )
             if rank == 0:  # values are already synced: write them once, at this exact step
                 for logger in trainer.loggers:
                     logger.log_metrics(scalars, step=trainer.global_step)
@@ -112,6 +130,31 @@ class ValidationSampling(L.Callback):
             ):
                 grid = self._grid([r for _, r in mine[:n_real]], outputs, res)
                 trainer.logger.experiment.add_image(f"val/{task.value}/grid", grid, trainer.global_step)
+        self._baseline_logged = True
+
+    def _score(self, task, outputs, targets, records, *, prefix: str) -> dict[str, float]:
+        """Every metric of ``task`` on these outputs, synced across ranks → ``{prefix/task/name: value}``."""
+        scalars = {}
+        metrics = self.metrics[task]
+        if prefix != "val":  # the baseline: pixel distances and the judge only
+            metrics = {
+                k: m for k, m in metrics.items() if isinstance(m, (L1Distance, L2Distance, SceneAccuracy))
+            }
+        for name, metric in metrics.items():
+            metric.reset()
+            if isinstance(metric, SceneAccuracy):
+                samples = [self.truth[str(r.target)] for r in records]
+                metric.update(outputs, [s.scene for s in samples], [s.kind for s in samples])
+                values = metric.compute().get(task.value)  # synced; None when no rank had a sample
+                if values:
+                    scalars[f"{prefix}/{task.value}/scene_acc"] = values["scene_acc"]
+                    scalars[f"{prefix}/{task.value}/element_acc"] = values["element_acc"]
+                continue
+            metric.update(outputs, targets)  # every rank updates (possibly nothing) and syncs
+            value = metric.compute()
+            if not torch.isnan(value):
+                scalars[f"{prefix}/{task.value}/{name}"] = value.item()
+        return scalars
 
     @staticmethod
     def _grid(records, outputs, res: int) -> torch.Tensor:

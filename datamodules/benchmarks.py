@@ -8,6 +8,7 @@
 - ``dreambench``: ``google/dreambooth`` — ``dataset/<subject>/*`` and
   ``dataset/prompts_and_classes.txt``; one reference image per subject, N images per prompt.
 - ``migebench``: ``add_bench.json`` / ``replace_bench.json`` with the authors' fields.
+- ``synthetic``: a generated synthetic world's held-out split, scored by the pixel scene judge.
 
 Every reader returns ``EvalItem``s; a missing file is an error naming the file and the item.
 """
@@ -275,7 +276,33 @@ def read_migebench(
     return items[:limit] if limit else items
 
 
+def read_synthetic(root: str | Path, *, split: str = "heldout", limit: int | None = None) -> list[EvalItem]:
+    """A generated synthetic world's split (default: held-out), judged from pixels by the scene
+    judge: each item carries its target's scene, its kind and the world's size in ``meta``."""
+    from datamodules.scene_judge import load_truth, world_size
+
+    root = Path(root)
+    if not (root / "world.json").is_file():
+        raise ManifestError(f"{root}: not a generated synthetic world (no world.json)")
+    size = world_size(root)
+    items = [
+        EvalItem(
+            id=key,
+            task=Task.parse(s.task),
+            instruction=s.instruction,
+            images=tuple(str(p) for p in s.references),
+            source=str(s.source) if s.source else None,
+            reference=str(s.target),
+            seed=n,
+            meta={"scene": s.scene, "kind": s.kind, "size": size, "input": str(s.input_image)},
+        )
+        for n, (key, s) in enumerate(load_truth(root, split).items())
+    ]
+    return items[:limit] if limit else items
+
+
 READERS = {
+    "synthetic": read_synthetic,
     "emu_edit": read_emu_edit,
     "magicbrush": read_magicbrush,
     "dreambench": read_dreambench,

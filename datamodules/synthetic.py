@@ -10,7 +10,8 @@ description its instruction is written from, for all three tasks:
 - ``subject_edit``: ``add`` a given sprite at a free slot, or ``replace`` a sprite by a given one.
 
 Output: images plus per-task manifests in the authors' format (JSON lists with ``image``,
-``multi_prompt``, ``entity_path``, ``source_path``; ``subtask`` for subject_edit), for a train and
+``multi_prompt``, ``entity_path``, ``source_path``; ``subtask`` for subject_edit; plus ``kind`` and
+the target's ``scene`` for the pixel judge, which the loader ignores), for a train and
 a held-out split (``<root>/{train,heldout}_{subject,edit,subject_edit}.json``), so the demo reads it through exactly the loader real data uses.
 """
 
@@ -76,14 +77,20 @@ def render_reference(sprite: Sprite, *, size: int) -> Image.Image:
 
 
 class _World:
-    def __init__(self, root: Path, *, size: int, rng: random.Random, prefix: str):
+    def __init__(
+        self, root: Path, *, size: int, rng: random.Random, prefix: str, exclude: frozenset[str] = frozenset()
+    ):
         self.root, self.size, self.rng, self.prefix = root, size, rng, prefix
         self.records: dict[str, list[dict]] = {task: [] for task in TASK_FILES}
         self.count = 0
+        self.exclude = exclude  # sample keys this split must not contain (the held-out split's)
+        self.keys: set[str] = set()
+        self._pending: list[tuple[Image.Image, str]] = []
 
     def save(self, img: Image.Image, name: str) -> str:
+        """The image's manifest path; written by ``run`` once the sample is kept."""
         rel = f"images/{self.prefix}{self.count:05d}_{name}.png"
-        img.save(self.root / rel)
+        self._pending.append((img, rel))
         return rel
 
     def sprites(self, n: int, *, positions=None) -> list[Sprite]:
@@ -96,6 +103,24 @@ class _World:
     def scene(self, sprites, bg: str) -> Image.Image:
         return render(sprites, background=bg, size=self.size)
 
+    @staticmethod
+    def truth(sprites, bg: str, kind: str, *, source: tuple[list, str] | None = None) -> dict:
+        """What the target (and the source) show, for the pixel judge (``datamodules/scene_judge.py``)."""
+
+        def scene(sprites, bg):
+            return {
+                "background": bg,
+                "sprites": [
+                    {"shape": s.shape, "colour": s.colour, "position": s.position, "size": s.size}
+                    for s in sprites
+                ],
+            }
+
+        out = {"kind": kind, "scene": scene(sprites, bg)}
+        if source is not None:
+            out["source_scene"] = scene(*source)
+        return out
+
     # -------------------------------------------------------------------------------- tasks
     def subject(self) -> None:
         rng, n = self.rng, self.rng.choice([1, 1, 2])
@@ -103,13 +128,15 @@ class _World:
         sprites = self.sprites(n)
         refs = [self.save(render_reference(s, size=self.size), f"ref{j}") for j, s in enumerate(sprites)]
         phrase = " and ".join(f"a {s.size} <imagehere> on the {s.position}" for s in sprites)
-        self.records["subject"].append(
+        self.emit(
+            "subject",
             {
                 "image": self.save(self.scene(sprites, bg), "tgt"),
                 "multi_prompt": f"{phrase}, on a {bg} background",
                 "entity_path": refs,
                 "source_path": [],
-            }
+                **self.truth(sprites, bg, "subject"),
+            },
         )
 
     def edit(self) -> None:
@@ -142,14 +169,16 @@ class _World:
             new_bg = rng.choice([b for b in BACKGROUNDS if b != bg])
             text = f"change the background of <imagehere> to {new_bg}"
         src = self.save(self.scene(sprites, bg), "src")
-        self.records["edit"].append(
+        self.emit(
+            "edit",
             {
                 "image": self.save(self.scene(out, new_bg), "tgt"),
                 "multi_prompt": text,
                 "entity_path": [src],
                 "source_path": [src],
                 "edit_type": op,
-            }
+                **self.truth(out, new_bg, op, source=(sprites, bg)),
+            },
         )
 
     def add(self) -> None:
@@ -158,14 +187,16 @@ class _World:
         existing, new = self.sprites(2)
         ref = self.save(render_reference(new, size=self.size), "ref")
         src = self.save(self.scene([existing], bg), "src")
-        self.records["subject_edit"].append(
+        self.emit(
+            "subject_edit",
             {
                 "image": self.save(self.scene([existing, new], bg), "tgt"),
                 "subtask": "add",
                 "multi_prompt": f"add a {new.size} <imagehere> on the {new.position} of <imagehere>",
                 "entity_path": [ref, src],
                 "source_path": [src],
-            }
+                **self.truth([existing, new], bg, "add", source=([existing], bg)),
+            },
         )
 
     def replace(self) -> None:
@@ -179,37 +210,67 @@ class _World:
         out[target] = Sprite(incoming.shape, incoming.colour, old.position, old.size)
         ref = self.save(render_reference(incoming, size=self.size), "ref")
         src = self.save(self.scene(scene, bg), "src")
-        self.records["subject_edit"].append(
+        self.emit(
+            "subject_edit",
             {
                 "image": self.save(self.scene(out, bg), "tgt"),
                 "subtask": "replace",
                 "multi_prompt": f"replace the {old.name} in <imagehere> with <imagehere>",
                 "entity_path": [src, ref],
                 "source_path": [src],
-            }
+                **self.truth(out, bg, "replace", source=(scene, bg)),
+            },
         )
 
+    def emit(self, task: str, record: dict) -> None:
+        self._drawn = (task, record)
+
     def run(self, n: int) -> None:
+        """n samples, cycling through the kinds; a sample whose key is excluded is drawn again."""
         for i in range(n):
-            getattr(self, KINDS[i % len(KINDS)])()
+            for _attempt in range(1000):
+                self._pending.clear()
+                getattr(self, KINDS[i % len(KINDS)])()
+                task, record = self._drawn
+                key = sample_key(task, record)
+                if key not in self.exclude:
+                    break
+            else:
+                raise RuntimeError("could not draw a sample outside the held-out split in 1000 tries")
+            self.records[task].append(record)
+            self.keys.add(key)
+            for img, rel in self._pending:
+                img.save(self.root / rel)
+            self._pending.clear()
             self.count += 1
+
+
+def sample_key(task: str, record: dict) -> str:
+    """What makes two samples the same task instance: the instruction and the scenes (not file names)."""
+    fields = ("kind", "multi_prompt", "scene", "source_scene")
+    return json.dumps([task, *(record.get(f) for f in fields)], sort_keys=True)
 
 
 def generate(
     root: str | Path, *, num_samples: int = 320, size: int = 32, seed: int = 0, heldout_fraction: float = 0.1
 ) -> dict[str, list[dict[str, str]]]:
     """Write the world under ``root`` (deterministic in ``seed``); returns the manifest specs per
-    split, ``{"train": [{path, task}, …], "heldout": […]}``, ready for ``data.manifests``."""
+    split, ``{"train": [{path, task}, …], "heldout": […]}``, ready for ``data.manifests``.
+    No training sample repeats a held-out one (same task, instruction, source and target scene)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     n_heldout = max(len(KINDS), round(num_samples * heldout_fraction)) if heldout_fraction > 0 else 0
-    specs = {}
+    specs, heldout_keys = {}, frozenset()
+    # the held-out split first: no training sample may repeat one of its task instances
     for split, n, split_seed in (
-        ("train", num_samples - n_heldout, seed),
         ("heldout", n_heldout, seed + 1_000_003),
+        ("train", num_samples - n_heldout, seed),
     ):
-        world = _World(root, size=size, rng=random.Random(split_seed), prefix=f"{split}_")
+        world = _World(
+            root, size=size, rng=random.Random(split_seed), prefix=f"{split}_", exclude=heldout_keys
+        )
         world.run(n)
+        heldout_keys = frozenset(world.keys)
         for task, filename in TASK_FILES.items():
             (root / f"{split}_{filename}").write_text(json.dumps(world.records[task], indent=1))
         specs[split] = manifest_specs(root, split)

@@ -1,4 +1,4 @@
-"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export} --config …`` through LightningCLI.
+"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export,judge-synthetic} …`` through LightningCLI.
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
 a config says otherwise, every run logs to TensorBoard under ``runs/<name>/version_<n>/`` and
@@ -73,6 +73,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
             cli = _cli(argv[1:], run=False)
         cache_latents(cli.model, cli.datamodule)
         return cli
+    if argv[:1] == ["judge-synthetic"]:
+        # score a predict run on the synthetic world's held-out requests from pixels
+        from mige_lightning.synthetic_report import main as judge_main
+
+        return judge_main(argv[1:])
     if argv[:1] == ["export"]:
         # a (sharded) checkpoint → one safetensors file + config, with fit's config for the model
         from mige_lightning.export import export_main

@@ -2,6 +2,13 @@
 
 The β / ᾱ tables come from diffusers' ``DDPMScheduler``; only the posterior and the two
 log-likelihood terms of the VLB (which no library ships) are written here.
+
+The mean channels predict one of diffusers' three targets (``prediction_type``): ``epsilon`` (the
+paper's, PixArt's), ``v_prediction`` (v = √ᾱ ε − √(1−ᾱ) x₀) or ``sample`` (x₀). The MSE can be
+weighted per timestep by min-SNR-γ (Hang et al. 2023): weight = min(SNR, γ) / SNR for ε,
+min(SNR, γ) / (SNR + 1) for v and min(SNR, γ) for x₀ — the same weighting of the x₀ error for all
+three. Whatever the target, the variance channels are trained by the VLB through the x₀ the mean
+channels imply (detached), so the learned variance means the same thing for every target.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales) -> torch.Tensor
     )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names
+
+
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
@@ -54,8 +64,17 @@ class GaussianDiffusion(nn.Module):
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
+        snr_gamma: float | None = None,
     ):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type: unknown {prediction_type!r}; choose one of {list(PREDICTION_TYPES)}"
+            )
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive (or null for no weighting), got {snr_gamma}")
+        self.prediction_type, self.snr_gamma = prediction_type, snr_gamma
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
@@ -73,6 +92,7 @@ class GaussianDiffusion(nn.Module):
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
             "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
             "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
             # the posterior variance is 0 at t = 0: clip its log to the t = 1 value (as improved DDPM)
             "posterior_log_variance_clipped": torch.log(
                 torch.cat([posterior_variance[1:2], posterior_variance[1:]])
@@ -101,6 +121,43 @@ class GaussianDiffusion(nn.Module):
             + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
         )
 
+    def target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the mean channels are trained to output, for this ``prediction_type``."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x_start
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x_start) * noise
+            - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+        )
+
+    def predict_xstart(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x₀ implied by the mean channels' output at (x_t, t)."""
+        if self.prediction_type == "epsilon":
+            return (
+                self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * prediction
+            )
+        if self.prediction_type == "sample":
+            return prediction
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t
+            - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * prediction
+        )
+
+    def mse_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE weight [B]: 1, or min-SNR-γ expressed for this target."""
+        if self.snr_gamma is None:
+            return torch.ones_like(t, dtype=torch.float32)
+        snr = self.snr[t]
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
+
     def training_losses(
         self,
         model_output: torch.Tensor,
@@ -110,29 +167,27 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample ``loss = mse(ε) + vb`` ([B] each); ``model_output`` is ε ⊕ v with 2C channels.
+        """Per-sample ``loss = w(t)·mse + vb`` ([B] each); ``model_output`` is the prediction ⊕ the
+        variance values, 2C channels.
 
-        The VLB term sees ε detached (stop-gradient), so it trains only the variance channels and
-        the MSE alone trains the mean, exactly as in improved DDPM's hybrid objective.
+        The VLB term sees the prediction detached (stop-gradient), so it trains only the variance
+        channels and the MSE alone trains the mean, exactly as in improved DDPM's hybrid objective.
         """
         channels = x_t.shape[1]
         if model_output.shape[1] != 2 * channels:
             raise ValueError(
                 f"model output has {model_output.shape[1]} channels; learned sigma needs {2 * channels}"
             )
-        eps, var_values = model_output.float().split(channels, dim=1)
+        prediction, var_values = model_output.float().split(channels, dim=1)
         x_start, x_t, noise = x_start.float(), x_t.float(), noise.float()
-        mse = _mean_flat((noise - eps) ** 2)
+        mse = _mean_flat((self.target(x_start, noise, t) - prediction) ** 2)
 
         # model's log-variance interpolates between the posterior's clipped variance and β_t
         min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
         max_log = self._at(self.log_betas, t, x_t)
         frac = (var_values + 1) / 2
         model_log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = (
-            self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps.detach()
-        )
+        pred_xstart = self.predict_xstart(prediction.detach(), x_t, t)
         coef1 = self._at(self.posterior_mean_coef1, t, x_t)
         coef2 = self._at(self.posterior_mean_coef2, t, x_t)
         model_mean = coef1 * pred_xstart + coef2 * x_t
@@ -148,7 +203,7 @@ class GaussianDiffusion(nn.Module):
             )
         ) / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": self.mse_weight(t) * mse + vb, "mse": mse, "vb": vb}
 
 
 # ------------------------------------------------------------------------------------ guidance

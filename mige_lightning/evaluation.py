@@ -91,6 +91,36 @@ class BenchmarkEvaluator(nn.Module):
                 extra["subject_clip_i"] = CLIPImageScore(metric.embedder)
         self.extra_metrics = nn.ModuleDict(extra)
         self.crop = resolve_crop_fn(crop_fn)
+        self.scene_metrics: nn.ModuleDict | None = None  # the synthetic world: {model, baseline} judges
+
+    def _judge(self, outputs, items, baselines) -> dict[str, list]:
+        """Scene judge on items that carry their scene (the synthetic world); per-sample columns."""
+        from datamodules.scene_judge import SceneAccuracy
+
+        n = len(items)
+        rows = {k: [float("nan")] * n for k in ("scene_correct", "element_acc", "wrong")}
+        rows.update({f"baseline_{k}": [float("nan")] * n for k in ("scene_correct", "element_acc")})
+        judged = [i for i, it in enumerate(items) if "scene" in it.meta]
+        if not judged:
+            return {}
+        if self.scene_metrics is None:
+            size = items[judged[0]].meta["size"]
+            self.scene_metrics = nn.ModuleDict(
+                {"model": SceneAccuracy(size=size), "baseline": SceneAccuracy(size=size)}
+            )
+        scenes = [items[i].meta["scene"] for i in judged]
+        kinds = [items[i].meta["kind"] for i in judged]
+        for name, images in (("model", outputs), ("baseline", baselines)):
+            metric = self.scene_metrics[name]
+            metric.update([images[i] for i in judged], scenes, kinds)
+            prefix = "" if name == "model" else "baseline_"
+            for j, i in enumerate(judged):
+                v = metric.last[j]
+                rows[f"{prefix}scene_correct"][i] = float(v.scene_correct)
+                rows[f"{prefix}element_acc"][i] = v.element_accuracy
+                if name == "model":
+                    rows["wrong"][i] = " ".join(v.wrong)
+        return rows
 
     def _score(self, metrics: nn.ModuleDict, outputs, items, images) -> dict[str, list[float]]:
         """Update ``metrics`` for one batch; per-sample values (NaN = not applicable)."""
@@ -154,9 +184,13 @@ class BenchmarkEvaluator(nn.Module):
                     self.extra_metrics[name].update(crops, [images[i]["subject"] for i in subj])
                     for j, i in enumerate(subj):
                         extra_rows[name][i] = self.extra_metrics[name].last[j].item()
+        judge_rows = self._judge(outputs, items, baselines)
         rows = []
         for i, item in enumerate(items):
             row = {"id": item.id, "task": item.task.value, "instruction": item.instruction}
+            if "kind" in item.meta:
+                row["kind"] = item.meta["kind"]
+            row.update({k: v[i] for k, v in judge_rows.items()})
             row.update({k: v[i] for k, v in model_rows.items()})
             row.update({f"baseline_{k}": v[i] for k, v in base_rows.items()})
             row.update({k: v[i] for k, v in extra_rows.items()})
@@ -172,8 +206,14 @@ class BenchmarkEvaluator(nn.Module):
                 out = {COLUMN_NAMES.get(k, k): float(m.compute()) for k, m in metrics.items()}
             return {k: v for k, v in out.items() if not np.isnan(v)}  # NaN: not applicable here
 
-        return {
+        out = {
             "MIGE": values(self.model_metrics),
             "copy-the-input baseline": values(self.baseline_metrics),
             "extras": values(self.extra_metrics),
         }
+        if self.scene_metrics is not None:  # synthetic world: per task / kind scene and element accuracy
+            out["scenes"] = {
+                "MIGE": self.scene_metrics["model"].compute(),
+                "copy-the-input baseline": self.scene_metrics["baseline"].compute(),
+            }
+        return out

@@ -50,9 +50,12 @@ def make_scheduler(
     beta_schedule: str = "linear",
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
+    prediction_type: str = "epsilon",
     clip_sample: bool = False,
 ):
     """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2.
+    ``prediction_type`` must be what the model was trained to predict (``epsilon`` / ``v_prediction``
+    / ``sample``).
 
     ``clip_sample`` keeps predicted x₀ inside [-1, 1] (dynamic thresholding for DPM-Solver++, clipping
     for DDIM): right for pixel-space models, whose data lives there; latent models (PixArt) don't clip.
@@ -64,7 +67,7 @@ def make_scheduler(
         beta_schedule=beta_schedule,
         beta_start=beta_start,
         beta_end=beta_end,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
     if name == "dpm++":
         kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
@@ -75,6 +78,21 @@ def make_scheduler(
     elif name == "ddim":
         kwargs.update(clip_sample=False)
     return SCHEDULERS[name](**kwargs)
+
+
+def check_task_defaults(value: dict | None) -> dict[str, dict]:
+    """``{task: {num_inference_steps, guidance_scale, image_guidance_scale}}`` overriding
+    ``TASK_DEFAULTS`` per task (a model trained with its own recipe samples best with its own)."""
+    out = {}
+    for task, settings in (value or {}).items():
+        Task.parse(task)
+        unknown = set(settings or {}) - set(TASK_DEFAULTS[Task.SUBJECT])
+        if unknown:
+            raise ValueError(
+                f"task_defaults.{task}: unknown keys {sorted(unknown)}; expected {sorted(TASK_DEFAULTS[Task.SUBJECT])}"
+            )
+        out[task] = dict(settings or {})
+    return out
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], *, device, dtype) -> torch.Tensor:
@@ -119,6 +137,7 @@ class MIGEPipeline(DiffusionPipeline):
         vision_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
         max_length: int = 256,
         prompt_version: int = PROMPT_VERSION,
+        task_defaults: dict[str, dict] | None = None,
     ):
         super().__init__()
         if prompt_version != PROMPT_VERSION:
@@ -141,13 +160,14 @@ class MIGEPipeline(DiffusionPipeline):
             vision_std=list(vision_std),
             max_length=max_length,
             prompt_version=prompt_version,
+            task_defaults=check_task_defaults(task_defaults),
         )
         self._mige: MIGE | None = None
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @classmethod
     def from_mige(
-        cls, model: MIGE, *, resolution: int, vision_mean, vision_std, scheduler=None
+        cls, model: MIGE, *, resolution: int, vision_mean, vision_std, scheduler=None, task_defaults=None
     ) -> MIGEPipeline:
         enc = model.encoder
         vae = model.autoencoder.vae if isinstance(model.autoencoder, KLAutoencoder) else None
@@ -164,6 +184,7 @@ class MIGEPipeline(DiffusionPipeline):
             vision_mean=vision_mean,
             vision_std=vision_std,
             max_length=enc.max_length,
+            task_defaults=task_defaults,
         )
         pipe._mige = model
         return pipe
@@ -194,12 +215,15 @@ class MIGEPipeline(DiffusionPipeline):
         )
 
     def set_scheduler(self, name: str) -> None:
+        """Switch sampler, keeping the noise schedule, prediction type and clipping of the current one."""
+        cfg = self.scheduler.config
         self.scheduler = make_scheduler(
             name,
             **{
-                k: self.scheduler.config[k]
-                for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+                k: cfg[k]
+                for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
             },
+            clip_sample=bool(cfg.get("thresholding") or cfg.get("clip_sample")),
         )
 
     # ------------------------------------------------------------------------------- the model
@@ -259,12 +283,12 @@ class MIGEPipeline(DiffusionPipeline):
     ):
         """Generate or edit. ``images``: the images filling each instruction's placeholders;
         ``source``: the image to edit (edit / subject_edit). Steps and scales default per task
-        (SPEC §4). ``seeds`` (default ``seed + i``) fix each sample's initial noise;
+        (``TASK_DEFAULTS``, the paper's, updated by the pipeline's ``task_defaults``). ``seeds`` (default ``seed + i``) fix each sample's initial noise;
         ``batch_invariant`` (default) runs samples one at a time so a sample is bitwise identical
         alone or in any batch — set it False to batch all samples into each forward for speed."""
         # 1. inputs → per-sample lists, checked before any compute
         task = Task.parse(task)
-        defaults = TASK_DEFAULTS[task]
+        defaults = {**TASK_DEFAULTS[task], **(self.config.task_defaults or {}).get(task.value, {})}
         steps = int(num_inference_steps or defaults["num_inference_steps"])
         s_y = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         s_s = defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale

@@ -16,7 +16,15 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 OVERLAYS = [p for p in CONFIGS if p.parent.name == "debug"]
 PREDICT_OVERLAYS = [p for p in CONFIGS if p.parent.name == "predict"]  # exercised in test_predict.py
 TRAINER_OVERLAYS = [p for p in CONFIGS if p.parent.name == "trainer"]  # 2-process runs in test_fsdp.py
-MAIN_CONFIGS = [p for p in CONFIGS if p not in OVERLAYS + PREDICT_OVERLAYS + TRAINER_OVERLAYS]
+# overlays on the demo: the synthetic benchmark (test_synthetic_eval.py) and the replication settings
+DEMO_OVERLAYS = [REPO / "configs/eval/synthetic.yaml"]
+EXPERIMENTS = [p for p in CONFIGS if p.parent.name == "experiments" and p.name != "mutual.yaml"]
+MAIN_CONFIGS = [
+    p
+    for p in CONFIGS
+    if p not in OVERLAYS + PREDICT_OVERLAYS + TRAINER_OVERLAYS + DEMO_OVERLAYS + EXPERIMENTS
+    and p.parent.name != "experiments"
+]
 CPU_STEP = [
     "--trainer.accelerator=cpu",
     "--trainer.devices=1",
@@ -85,6 +93,33 @@ def test_debug_overlays_compose_with_the_demo(overlay, tmp_path, monkeypatch):
     assert cli.trainer.global_step >= 1
 
 
+@pytest.mark.parametrize("setting", EXPERIMENTS, ids=lambda p: p.stem)
+def test_replication_settings_compose_with_the_demo(setting, tmp_path, monkeypatch):
+    """Each mutual-enhancement setting trains on exactly its tasks, with the shared schedule."""
+    args = [
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        "--config",
+        str(REPO / "configs/experiments/mutual.yaml"),
+        "--config",
+        str(setting),
+        *CPU_STEP,
+        # 36 training scenes: every pool of a single-task setting still fills a batch of 8
+        f"--data.synthetic={{root: {tmp_path}/world, num_samples: 40, size: 32}}",
+        "--data.batch_size=8",
+    ]
+    cli = _fit(args, tmp_path, monkeypatch)
+    assert cli.trainer.global_step == 1
+    weights = yaml.safe_load(setting.read_text())["data"]["task_weights"]
+    drawn = {k.split("/")[0] for k, w in weights.items() if w > 0}
+    seen = {
+        t
+        for t in ("subject", "edit", "subject_edit")
+        if cli.trainer.logged_metrics.get(f"train/loss_{t}") is not None
+    }
+    assert seen <= drawn and seen
+
+
 @pytest.mark.slow
 def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
     args = [
@@ -109,10 +144,19 @@ def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
+    scalars = set(events.Tags()["scalars"])
     for task in ("subject", "edit", "subject_edit"):
-        assert {f"val/{task}/l1", f"val/{task}/l2"} <= set(events.Tags()["scalars"])
+        judged = {f"val/{task}/{k}" for k in ("l1", "l2", "scene_acc", "element_acc")}
+        assert judged <= scalars
         assert f"val/{task}/grid" in events.Tags()["images"]
         assert [e.step for e in events.Scalars(f"val/{task}/l1")] == [4, 8]
+        assert [e.step for e in events.Scalars(f"val/{task}/scene_acc")] == [4, 8]
+        # the copy-the-input baseline, once
+        baseline = [e.value for e in events.Scalars(f"val_baseline/{task}/element_acc")]
+        assert len(baseline) == 1 and 0 <= baseline[0] < 1
+        if task != "subject":  # an edit changes something and keeps something: copying is partly right
+            assert events.Scalars(f"val_baseline/{task}/scene_acc")[0].value == 0.0
+            assert baseline[0] > 0
     assert not any(
         "dino" in t or "clip" in t for t in events.Tags()["scalars"]
     )  # offline: disabled, not random
@@ -138,7 +182,7 @@ def test_missing_local_pretrained_path_fails_at_startup(tmp_path, monkeypatch):
 def test_malformed_yaml_value_names_the_key(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "configs/demo.yaml").read_text().replace("lr: 3.0e-4", "lr: fast"))
+    bad.write_text((REPO / "configs/demo.yaml").read_text().replace("lr: 1.0e-3", "lr: fast"))
     with pytest.raises(SystemExit):
         main(["--config", str(bad)], run=False)
     err = capsys.readouterr().err

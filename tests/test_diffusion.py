@@ -80,3 +80,67 @@ def test_condition_dropout_rates_and_exclusive_outcomes():
     for rate in (only_c, only_i, both):
         assert abs(rate - 0.05) < tol
     assert abs((~drop_c & ~drop_i).float().mean() - 0.85) < 4 * (0.85 * 0.15 / n) ** 0.5
+
+
+# ------------------------------------------------------------------ prediction targets and weighting
+import pytest  # noqa: E402
+
+from mige_lightning.diffusion import PREDICTION_TYPES  # noqa: E402
+
+
+def _as_prediction(diff: GaussianDiffusion, x0_hat, x_t, t):
+    """The output each target type gives when the model's estimate of x₀ is ``x0_hat``."""
+    a = diff._at(diff.sqrt_alphas_cumprod, t, x_t)
+    s = diff._at(diff.sqrt_one_minus_alphas_cumprod, t, x_t)
+    eps_hat = (x_t - a * x0_hat) / s
+    return {"epsilon": eps_hat, "sample": x0_hat, "v_prediction": a * eps_hat - s * x0_hat}
+
+
+@pytest.mark.parametrize("kind", PREDICTION_TYPES)
+def test_each_target_perfect_prediction_gives_x0_and_zero_loss(kind):
+    diff = GaussianDiffusion(prediction_type=kind)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([1, 400, 999])
+    x_t = diff.add_noise(x0, noise, t)
+    target = diff.target(x0, noise, t)
+    assert torch.allclose(target, _as_prediction(diff, x0, x_t, t)[kind], atol=1e-3)
+    assert torch.allclose(diff.predict_xstart(target, x_t, t), x0, atol=1e-3)
+    out = torch.cat([target, -torch.ones_like(noise)], dim=1)
+    losses = diff.training_losses(out, x_start=x0, x_t=x_t, t=t, noise=noise)
+    assert torch.allclose(losses["mse"], torch.zeros(3), atol=1e-8)
+    assert torch.allclose(losses["vb"], torch.zeros(3), atol=1e-3)
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_targets_agree_on_the_variance_term_and_min_snr_weighs_the_same_x0_error(gamma):
+    """The same x₀ estimate, expressed as ε, v or x₀: the VLB term is identical, and min-SNR-γ
+    makes the weighted MSE the same function of the x₀ error for all three (min(SNR, γ)·|x̂₀ − x₀|²)."""
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([3, 100, 600, 990])
+    var = torch.rand(4, 4, 8, 8) * 2 - 1
+    ref = GaussianDiffusion()
+    x_t = ref.add_noise(x0, noise, t)
+    x0_hat = x0 + 0.3 * torch.randn_like(x0)
+    losses = {}
+    for kind in PREDICTION_TYPES:
+        diff = GaussianDiffusion(prediction_type=kind, snr_gamma=gamma)
+        pred = _as_prediction(diff, x0_hat, x_t, t)[kind]
+        losses[kind] = diff.training_losses(torch.cat([pred, var], 1), x_start=x0, x_t=x_t, t=t, noise=noise)
+    for kind in ("sample", "v_prediction"):
+        assert torch.allclose(losses[kind]["vb"], losses["epsilon"]["vb"], rtol=1e-3, atol=1e-4)
+    if gamma is not None:
+        snr = ref.snr[t]
+        x0_err = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+        for kind in PREDICTION_TYPES:
+            weighted = losses[kind]["loss"] - losses[kind]["vb"]
+            assert torch.allclose(weighted, snr.clamp(max=gamma) * x0_err, rtol=2e-3), kind
+    else:  # unweighted: each target's own MSE, which weighs the x₀ error differently per timestep
+        assert not torch.allclose(losses["epsilon"]["mse"], losses["sample"]["mse"], rtol=0.1)
+
+
+def test_bad_prediction_settings_are_refused():
+    with pytest.raises(ValueError, match="prediction_type"):
+        GaussianDiffusion(prediction_type="x0")
+    with pytest.raises(ValueError, match="snr_gamma"):
+        GaussianDiffusion(snr_gamma=0)

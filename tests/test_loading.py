@@ -176,3 +176,29 @@ def test_presets_carry_the_paper_dimensions():
     assert xl.vision["hidden_size"] == 1408 and xl.vision["num_hidden_layers"] == 39
     assert xl.dit["num_attention_heads"] * xl.dit["attention_head_dim"] == 1152 and xl.dit["num_layers"] == 28
     assert xl.max_length == 256 and xl.resolution == 512 and xl.fusion["num_heads"] == 8
+
+
+def test_word_tokenizer_knows_every_word_of_the_prefixes_and_the_synthetic_world(tmp_path):
+    """The demo's word-level tokenizer: one id per word, and no instruction word falls to <unk>."""
+    import json
+
+    from datamodules.synthetic import generate
+    from mige_lightning.models.loading import build_word_tokenizer, load_tokenizer
+    from mige_lightning.prompt import Task, build_prompt, split_placeholders
+
+    tok = load_tokenizer("words")
+    assert len(tok) == len(build_word_tokenizer())
+    generate(tmp_path, num_samples=200, size=16, seed=0)
+    texts = [
+        build_prompt(task, rec["multi_prompt"])
+        for task in Task
+        for split in ("train", "heldout")
+        for rec in json.loads((tmp_path / f"{split}_{task.value}.json").read_text())
+    ]
+    for text in texts:
+        for segment in split_placeholders(text):
+            ids = tok(segment, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, (segment, tok.convert_ids_to_tokens(ids))
+            assert len(ids) == len(segment.replace(",", " , ").replace(":", " : ").split())
+    ids = tok("make the RED circle, mauve", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["make", "the", "red", "circle", ",", "<unk>"]

@@ -190,3 +190,31 @@ def test_ema_differs_from_raw_weights_and_is_what_predict_samples_with(tmp_path)
     assert torch.equal(
         dit_weight, ema.shadow["model.dit.proj_out.weight"]
     )  # the pipeline holds the EMA weights
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_recovers_x0_from_an_oracle_of_each_prediction_type(
+    pipe, monkeypatch, name, prediction_type
+):
+    """With the exact prediction for one known x₀, every sampler must land on that x₀: guards the
+    scheduler configuration (prediction type, schedule, input scaling) against the training target."""
+    from mige_lightning.diffusion import GaussianDiffusion
+    from mige_lightning.pipeline import make_scheduler
+
+    diff = GaussianDiffusion(prediction_type=prediction_type)
+    x0 = torch.rand(1, 4, 8, 8) * 1.6 - 0.8
+
+    def oracle(latents, t, **_):
+        t = t.long()
+        a = diff._at(diff.sqrt_alphas_cumprod, t, latents)
+        s = diff._at(diff.sqrt_one_minus_alphas_cumprod, t, latents)
+        eps = (latents - a * x0) / s
+        return {"epsilon": eps, "sample": x0.expand_as(latents), "v_prediction": a * eps - s * x0}[
+            prediction_type
+        ]
+
+    monkeypatch.setattr(pipe, "guided_epsilon", oracle)
+    monkeypatch.setattr(pipe, "scheduler", make_scheduler(name, prediction_type=prediction_type))
+    out = pipe("a <imagehere>", task="subject", images=[_img()], num_inference_steps=10, output_type="latent")
+    assert torch.allclose(out.latents, x0, atol=1e-3), (out.latents - x0).abs().max()

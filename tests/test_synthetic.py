@@ -178,3 +178,23 @@ def test_world_is_deterministic_and_has_a_disjoint_heldout_split(tmp_path):
     assert len(held) == 4 and not train & held
     c = generate(tmp_path / "c", num_samples=40, size=16, seed=4)
     assert open(c["train"][0]["path"]).read() != open(a["train"][0]["path"]).read()
+
+
+def test_no_heldout_task_instance_occurs_in_training(tmp_path):
+    """Held-out requests stay unseen: a small world (many repeats by chance) has none in training."""
+    from datamodules.synthetic import TASK_FILES, sample_key
+
+    generate(tmp_path, num_samples=600, size=16, seed=2, heldout_fraction=0.2)
+
+    def keys(split):
+        out = []
+        for task, name in TASK_FILES.items():
+            out += [sample_key(task, r) for r in json.loads((tmp_path / f"{split}_{name}").read_text())]
+        return out
+
+    train, heldout = keys("train"), keys("heldout")
+    assert len(train) == 480 and len(heldout) == 120
+    assert not set(train) & set(heldout)
+    # the key is what the judge needs: target scene, kind and (for edits) the source scene
+    rec = json.loads((tmp_path / "heldout_edit.json").read_text())[0]
+    assert {"scene", "kind", "source_scene"} <= set(rec)

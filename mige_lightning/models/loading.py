@@ -25,6 +25,19 @@ from transformers import (
 from transformers.utils import cached_file
 
 BYTE_TOKENIZER = "byte"  # a tokenizer built in code (tiny preset, offline demo)
+WORD_TOKENIZER = "words"  # a word-level tokenizer built in code over BASIC_WORDS (the CPU demo)
+BUILT_IN_TOKENIZERS = (BYTE_TOKENIZER, WORD_TOKENIZER)
+# Every word of the task prefixes and of the synthetic world's instructions (tests check both),
+# plus a few common ones; anything else is <unk>. One id per word, as a pretrained T5 vocabulary
+# has for these common words, so a tiny model learns from words rather than spelling them out.
+BASIC_WORDS = (
+    "a an the of in on to with and or by from at into as is it its this that these those "
+    "follow text instruction generate image images given objects object preserving subject's subject "
+    "identity edit editing subject-driven make remove move change add replace put turn set "
+    "background colour color left right center centre middle top bottom small large big "
+    "red green blue yellow white gray grey black pink orange purple brown "
+    "circle square triangle shape sprite"
+).split()
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -49,7 +62,7 @@ class PretrainedSources:
         """Fail at start-up (not hours later) on a local path that does not exist."""
         for name in ("t5", "tokenizer", "blip2", "dit", "vae"):
             value = getattr(self, name)
-            if value is not None and value != BYTE_TOKENIZER:
+            if value is not None and value not in BUILT_IN_TOKENIZERS:
                 resolve_source(value, key=f"{key}.{name}")
         if self.null_embedding is not None and not Path(self.null_embedding).expanduser().is_file():
             raise FileNotFoundError(f"{key}.null_embedding: file '{self.null_embedding}' does not exist")
@@ -84,9 +97,30 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def build_word_tokenizer(words=BASIC_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer made in code: lower-cased words and punctuation marks, one id each
+    (ids follow T5: pad 0, eos 1, unk 2); a word outside ``words`` is <unk>."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for token in [*words, *",.!?;:'\"-()"]:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    # split on whitespace and on punctuation, except inside words like subject's / subject-driven
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w'-]"), behavior="isolated")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
 def load_tokenizer(source: str, *, key: str = "model.pretrained.tokenizer") -> PreTrainedTokenizerBase:
     if source == BYTE_TOKENIZER:
         return build_byte_tokenizer()
+    if source == WORD_TOKENIZER:
+        return build_word_tokenizer()
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(source, key=key))
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{key}: tokenizer from '{source}' has no EOS token; the encoder needs one")

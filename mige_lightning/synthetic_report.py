@@ -1,0 +1,154 @@
+"""Judge a ``predict`` run on the synthetic world's held-out requests from pixels.
+
+    python -m mige_lightning judge-synthetic --world data/demo --predictions predictions/demo
+
+Reads ``<predictions>/predictions.jsonl`` (ids as in the world's ``heldout_requests.jsonl``), reads
+every output image back with the pixel judge (``datamodules/scene_judge.py``), and writes beside
+the predictions: ``judge.csv`` (one row per image: what was wrong), ``judge.json`` and
+``judge.md`` (scene / element accuracy per task and per edit kind, with the copy-the-input
+baseline row) and ``contact_sheet.png`` (per row: source | references | output | target). The
+table is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2
+from torchvision.utils import make_grid, save_image
+
+from datamodules.images import load_rgb
+from datamodules.scene_judge import JudgedSample, SceneAccuracy, format_table, load_truth, world_size
+
+
+def contact_sheet(samples: list[JudgedSample], outputs: list, path: Path, *, tile: int = 96) -> None:
+    """One row per sample: source (blank for subject) | references | output | target."""
+    to_t = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((tile, tile), interpolation=v2.InterpolationMode.NEAREST),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    blank = torch.ones(3, tile, tile)
+    max_refs = max(len(s.references) for s in samples)
+    tiles = []
+    for s, out in zip(samples, outputs, strict=True):
+        refs = [to_t(load_rgb(p)) for p in s.references]
+        tiles += [to_t(load_rgb(s.source)) if s.source else blank]
+        tiles += refs + [blank] * (max_refs - len(refs))
+        tiles += [to_t(out), to_t(load_rgb(s.target))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(torch.stack(tiles), nrow=max_refs + 3, padding=2, pad_value=1.0), path)
+
+
+def judge_predictions(
+    world: str | Path, predictions: str | Path, output_dir: str | Path | None = None
+) -> dict:
+    """Score a predict run's images against the world's truth; returns the table rows."""
+    world, predictions = Path(world), Path(predictions)
+    output_dir = Path(output_dir) if output_dir else predictions
+    truth = load_truth(world, "heldout")
+    size = world_size(world)
+    log = predictions / "predictions.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"{log}: no predictions log; run `predict` first")
+    entries = []
+    for n, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if entry["id"] not in truth:
+            raise KeyError(f"{log}:{n}: id {entry['id']!r} is not a held-out request of {world}")
+        entries.append(entry)
+    if not entries:
+        raise ValueError(f"{log}: no predictions")
+    samples = [truth[e["id"]] for e in entries]
+    outputs = [load_rgb(predictions / e["file"]) for e in entries]
+    model, baseline = SceneAccuracy(size=size), SceneAccuracy(size=size)
+    rows = []
+    for e, sample, out in zip(entries, samples, outputs, strict=True):
+        model.update([out], [sample.scene], [sample.kind])
+        baseline.update([load_rgb(sample.input_image)], [sample.scene], [sample.kind])
+        v, b = model.last[0], baseline.last[0]
+        rows.append(
+            {
+                "id": e["id"],
+                "task": sample.task,
+                "kind": sample.kind,
+                "instruction": sample.instruction,
+                "scene_correct": int(v.scene_correct),
+                "element_acc": round(v.element_accuracy, 4),
+                "wrong": " ".join(v.wrong),
+                "baseline_scene_correct": int(b.scene_correct),
+                "baseline_element_acc": round(b.element_accuracy, 4),
+            }
+        )
+    table = {"model": model.compute(), "copy-the-input baseline": baseline.compute()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / "judge.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (output_dir / "judge.json").write_text(json.dumps({"samples": len(rows), **table}, indent=2))
+    text = format_table(table)
+    (output_dir / "judge.md").write_text(f"# Synthetic world, held-out ({len(rows)} requests)\n\n{text}\n")
+    contact_sheet(samples, outputs, output_dir / "contact_sheet.png")
+    return table
+
+
+@torch.no_grad()
+def judge_checkpoint(
+    ckpt_path: str | Path, world: str | Path, *, split: str = "heldout", ema: bool = True, chunk: int = 64
+) -> dict[str, dict]:
+    """Sample every request of a world's split with a checkpoint (its EMA weights and its task
+    defaults, seeds 0…n−1 per task) and judge the outputs → ``{"model": …, "baseline": …}``."""
+    from mige_lightning.module import MIGELightningModule
+
+    module = MIGELightningModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if ema and not module.use_ema_weights():
+        raise ValueError(
+            f"{ckpt_path}: no EMA weights in this checkpoint (pass ema=False to use the raw ones)"
+        )
+    module.model.eval()
+    pipe = module.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    truth = load_truth(world, split)
+    size = world_size(world)
+    model, baseline = SceneAccuracy(size=size), SceneAccuracy(size=size)
+    by_task: dict[str, list[JudgedSample]] = {}
+    for sample in truth.values():
+        by_task.setdefault(sample.task, []).append(sample)
+    for task, samples in by_task.items():
+        for start in range(0, len(samples), chunk):
+            part = samples[start : start + chunk]
+            out = pipe(
+                [s.instruction for s in part],
+                task=task,
+                images=[[load_rgb(p) for p in s.references] for s in part],
+                source=[load_rgb(s.source) if s.source else None for s in part],
+                seeds=list(range(start, start + len(part))),
+                batch_invariant=False,
+            )
+            model.update(out.images, [s.scene for s in part], [s.kind for s in part])
+            baseline.update(
+                [load_rgb(s.input_image) for s in part], [s.scene for s in part], [s.kind for s in part]
+            )
+    return {"model": model.compute(), "baseline": baseline.compute()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m mige_lightning judge-synthetic", description=__doc__)
+    ap.add_argument("--world", default="data/demo", help="the generated world (data.synthetic.root)")
+    ap.add_argument("--predictions", default="predictions/demo", help="the predict run's output_dir")
+    ap.add_argument("--output", default=None, help="where to write the tables (default: --predictions)")
+    args = ap.parse_args(argv)
+    table = judge_predictions(args.world, args.predictions, args.output)
+    out = Path(args.output or args.predictions)
+    print(format_table(table))
+    print(f"\nper-image verdicts: {out / 'judge.csv'}\ncontact sheet: {out / 'contact_sheet.png'}")
+    return table
