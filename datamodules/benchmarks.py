@@ -44,6 +44,7 @@ class EvalItem:
     output_caption: str | None = None
     mask: ImageRef | None = None  # edit region (MIGEBench, MagicBrush)
     subject: ImageRef | None = None  # MIGEBench: the entity whose preservation is scored
+    baseline: ImageRef | None = None  # what copy-the-input outputs, when not the source / the reference
     seed: int = 0
     followups: tuple[str, ...] = ()  # MagicBrush final-turn: later instructions, chained
     meta: dict = field(default_factory=dict, compare=False)
@@ -293,8 +294,9 @@ def read_synthetic(root: str | Path, *, split: str = "heldout", limit: int | Non
             images=tuple(str(p) for p in s.references),
             source=str(s.source) if s.source else None,
             reference=str(s.target),
+            baseline=str(s.input_image),  # subject: the first reference; the target is `reference`
             seed=n,
-            meta={"scene": s.scene, "kind": s.kind, "size": size, "input": str(s.input_image)},
+            meta={"scene": s.scene, "kind": s.kind, "size": size},
         )
         for n, (key, s) in enumerate(load_truth(root, split).items())
     ]
@@ -341,5 +343,6 @@ class BenchmarkDataset:
             "reference": open_image(it.reference),
             "mask": open_image(it.mask) if it.mask is not None else None,
             "subject": open_image(it.subject) if it.subject is not None else None,
+            "baseline": open_image(it.baseline) if it.baseline is not None else None,
         }
         return {"item": Boxed(it), "images": images}

@@ -4,7 +4,8 @@ baseline row and edit locality.
 For every item: DINO / CLIP-I / L1 / L2 of the output against ``item.reference``; CLIP-T against
 ``item.caption``; CLIPdir from ``item.source`` → output with the input / output captions. The
 same metrics are computed for the *baseline*: the unedited input scored as if it were the output
-(the source for editing; the reference image for subject-driven generation), which exposes
+(the source for editing; the reference image for subject-driven generation, or the item's own
+``baseline`` image where the reference is the target, as on the synthetic world), which exposes
 inflated editing scores. Where a mask exists: L1 / L2 outside it (output vs source: what should
 not change) and DINO / CLIP-I inside it (output vs reference). MIGEBench also scores subject
 preservation: the subject cropped from the output (pluggable ``crop_fn``) against the given entity.
@@ -155,7 +156,9 @@ class BenchmarkEvaluator(nn.Module):
     def update(self, outputs: list[PIL.Image.Image], items: list, images: list[dict]) -> list[dict]:
         """Score a batch (model outputs and the baseline); returns one row of values per item."""
         model_rows = self._score(self.model_metrics, outputs, items, images)
-        baselines = [im["source"] if im.get("source") is not None else im["reference"] for im in images]
+        baselines = [
+            next(im[k] for k in ("baseline", "source", "reference") if im.get(k) is not None) for im in images
+        ]
         base_rows = self._score(self.baseline_metrics, baselines, items, images)
         extra_rows = {name: [float("nan")] * len(items) for name in self.extra_metrics}
         masked = [

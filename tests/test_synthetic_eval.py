@@ -91,6 +91,8 @@ def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
     assert set(scenes) == {"MIGE", "copy-the-input baseline"}
     assert {"subject", "edit", "subject_edit"} <= set(scenes["MIGE"])
     assert scenes["copy-the-input baseline"]["subject_edit"]["scene_acc"] == 0.0
+    # subject's baseline copies the first reference (the input), never the target it is scored against
+    assert scenes["copy-the-input baseline"]["subject"]["element_acc"] < 1.0
     md = (root / "eval" / "results.md").read_text()
     assert "Scene judge" in md and "copy-the-input baseline" in md
     header = (root / "eval" / "per_sample.csv").read_text().splitlines()[0]
