@@ -23,9 +23,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from datamodules.datamodule import MIGEDataModule  # noqa: E402
-from datamodules.images import load_rgb  # noqa: E402
-from datamodules.scene_judge import SceneAccuracy, load_truth, world_size  # noqa: E402
 from mige_lightning.module import MIGELightningModule  # noqa: E402
+from mige_lightning.synthetic_report import judge_module  # noqa: E402
 
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design
 VARIANTS = {
@@ -66,27 +65,7 @@ def run(variant: dict, *, steps: int, per_task: int, demo: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-    module.model.eval()
-    pipe = module.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    root = data_cfg["synthetic"]["root"]
-    truth, size = load_truth(root), world_size(root)
-    scores = {}
-    with torch.no_grad():
-        for task in TASKS:
-            samples = [s for s in truth.values() if s.task == task][:per_task]
-            out = pipe(
-                [s.instruction for s in samples],
-                task=task,
-                images=[[load_rgb(p) for p in s.references] for s in samples],
-                source=[load_rgb(s.source) if s.source else None for s in samples],
-                seeds=list(range(len(samples))),
-                batch_invariant=False,
-            )
-            metric = SceneAccuracy(size=size)
-            metric.update(out.images, [s.scene for s in samples], [s.kind for s in samples])
-            scores[task] = metric.compute()[task]
-    return scores
+    return judge_module(module, data_cfg["synthetic"]["root"], per_task=per_task)["model"]
 
 
 def main() -> None:

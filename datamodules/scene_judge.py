@@ -59,15 +59,6 @@ class Scene:
     def at(self, position: str) -> Sprite | None:
         return next((s for s in self.sprites if s.position == position), None)
 
-    def to_dict(self) -> dict:
-        return {
-            "background": self.background,
-            "sprites": [
-                {"shape": s.shape, "colour": s.colour, "position": s.position, "size": s.size}
-                for s in self.sprites
-            ],
-        }
-
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
         if not isinstance(d, dict) or "background" not in d or not isinstance(d.get("sprites"), list):

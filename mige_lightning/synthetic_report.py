@@ -102,28 +102,22 @@ def judge_predictions(
 
 
 @torch.no_grad()
-def judge_checkpoint(
-    ckpt_path: str | Path, world: str | Path, *, split: str = "heldout", ema: bool = True, chunk: int = 64
+def judge_module(
+    module, world: str | Path, *, split: str = "heldout", per_task: int | None = None, chunk: int = 64
 ) -> dict[str, dict]:
-    """Sample every request of a world's split with a checkpoint (its EMA weights and its task
-    defaults, seeds 0…n−1 per task) and judge the outputs → ``{"model": …, "baseline": …}``."""
-    from mige_lightning.module import MIGELightningModule
-
-    module = MIGELightningModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    if ema and not module.use_ema_weights():
-        raise ValueError(
-            f"{ckpt_path}: no EMA weights in this checkpoint (pass ema=False to use the raw ones)"
-        )
+    """Sample a split's requests (the first ``per_task`` of each task, or all) with a module's
+    pipeline as it stands (its weights and task defaults; seeds 0…n−1 per task) and judge the
+    outputs → ``{"model": …, "baseline": …}``."""
     module.model.eval()
     pipe = module.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    truth = load_truth(world, split)
     size = world_size(world)
     model, baseline = SceneAccuracy(size=size), SceneAccuracy(size=size)
     by_task: dict[str, list[JudgedSample]] = {}
-    for sample in truth.values():
+    for sample in load_truth(world, split).values():
         by_task.setdefault(sample.task, []).append(sample)
     for task, samples in by_task.items():
+        samples = samples[:per_task]
         for start in range(0, len(samples), chunk):
             part = samples[start : start + chunk]
             out = pipe(
@@ -134,11 +128,25 @@ def judge_checkpoint(
                 seeds=list(range(start, start + len(part))),
                 batch_invariant=False,
             )
-            model.update(out.images, [s.scene for s in part], [s.kind for s in part])
-            baseline.update(
-                [load_rgb(s.input_image) for s in part], [s.scene for s in part], [s.kind for s in part]
-            )
+            scenes, kinds = [s.scene for s in part], [s.kind for s in part]
+            model.update(out.images, scenes, kinds)
+            baseline.update([load_rgb(s.input_image) for s in part], scenes, kinds)
     return {"model": model.compute(), "baseline": baseline.compute()}
+
+
+def judge_checkpoint(
+    ckpt_path: str | Path, world: str | Path, *, split: str = "heldout", ema: bool = True
+) -> dict:
+    """``judge_module`` on a checkpoint, with its EMA weights (an error when it has none, unless
+    ``ema=False``)."""
+    from mige_lightning.module import MIGELightningModule
+
+    module = MIGELightningModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if ema and not module.use_ema_weights():
+        raise ValueError(
+            f"{ckpt_path}: no EMA weights in this checkpoint (pass ema=False to use the raw ones)"
+        )
+    return judge_module(module, world, split=split)
 
 
 def main(argv: list[str] | None = None) -> dict:
