@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sample.py [--presets tiny mid] [--repeats 3]
 
-Per task, one image with the task's default steps and scales (SPEC §4: 50 steps 2-way for
+Per task, one image with the task's default steps and scales (the authors': 50 steps 2-way for
 subject, 60 steps 3-way for edit / subject_edit), DPM-Solver++, batch_invariant mode, after a
 warm-up image. Guidance overhead: one 3-way guided step for B samples (``guided_epsilon``: the
 three branches as one forward at 3B plus the combination) against one plain model forward at

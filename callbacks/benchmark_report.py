@@ -21,7 +21,7 @@ PAPER_COLUMNS = {
     "dreambench": ["DINO", "CLIP-I", "CLIP-T"],
     "migebench": ["DINO", "CLIP-I", "CLIP-T"],
 }
-PAPER_RESULTS = {  # SPEC §5 (paper Tables 1–2)
+PAPER_RESULTS = {  # paper Tables 1–2
     "emu_edit": {"DINO": 0.832, "CLIP-I": 0.865, "CLIP-T": 0.306, "CLIPdir": 0.114, "L1": 0.088, "L2": 0.027},
     "magicbrush": {
         "DINO": 0.889,

@@ -1,4 +1,4 @@
-"""Task-balanced joint sampling (SPEC §3): draw tasks at configured ratios, on every rank.
+"""Task-balanced joint sampling: draw tasks at configured ratios, on every rank.
 
 Pools are keyed by ``Record.pool`` (``subject``, ``edit``, ``subject_edit/add``,
 ``subject_edit/replace``). For each sample a pool is drawn with the configured weights and the
@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import DistributedSampler
 
 DEFAULT_WEIGHTS = {
-    # subject-driven : editing side = 1 : 1; add : replace = 1 : 1 inside subject_edit (SPEC §3)
+    # subject-driven : editing side = 1 : 1; add : replace = 1 : 1 inside subject_edit (the paper's ratios)
     "subject": 0.5,
     "edit": 0.25,
     "subject_edit/add": 0.125,

@@ -1,4 +1,4 @@
-"""Per-sample condition dropout that makes 2-/3-way classifier-free guidance possible (SPEC §3).
+"""Per-sample condition dropout that makes 2-/3-way classifier-free guidance possible.
 
 One uniform draw ``u`` per sample: ``u < p_c`` drops the multimodal condition, the next ``p_i``
 drops the conditional input, the next ``p_b`` drops both; the rest keep everything.

@@ -208,7 +208,7 @@ class GaussianDiffusion(nn.Module):
 
 # ------------------------------------------------------------------------------------ guidance
 def cfg_2way(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """``e(∅) + s_y · (e(c) − e(∅))`` (subject-driven generation, SPEC §4)."""
+    """``e(∅) + s_y · (e(c) − e(∅))`` (subject-driven generation)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
@@ -220,7 +220,7 @@ def cfg_3way(
     text_scale: float,
     image_scale: float,
 ) -> torch.Tensor:
-    """InstructPix2Pix form (editing, SPEC §4), with e(condition, conditional input):
+    """InstructPix2Pix form (editing), with e(condition, conditional input):
     ``e(∅, 0) + s_s · (e(∅, src) − e(∅, 0)) + s_y · (e(c, src) − e(∅, src))``."""
     return (
         eps_null_zero

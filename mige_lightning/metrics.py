@@ -1,4 +1,4 @@
-"""Evaluation metrics as ``torchmetrics.Metric``s, exactly as the authors' metric code (SPEC §5).
+"""Evaluation metrics as ``torchmetrics.Metric``s, exactly as the authors' metric code.
 
 All scores are plain per-sample means of raw cosine similarities (no ×100, no clamp) or pixel
 errors. Images are PIL images; preprocessing is part of the protocol:

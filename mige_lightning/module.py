@@ -41,12 +41,12 @@ class MIGELightningModule(L.LightningModule):
     preset: ``tiny`` / ``mid`` / ``xl`` (``models/presets.py``).
     overrides: per-component constructor kwargs merged into the preset, e.g. ``{dit: {num_layers: 4}}``.
     pretrained: hub ids or local dirs per component, merged into the preset's (null = random init).
-    lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up then constant (SPEC §3).
+    lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up then constant (the paper's recipe).
     num_train_timesteps, beta_schedule: the DDPM noise schedule (PixArt: 1000, linear).
     prediction_type: what the DiT's mean channels predict — ``epsilon`` (the paper), ``v_prediction``
         or ``sample`` (x₀); the sampler is configured to match.
     snr_gamma: min-SNR-γ loss weighting (e.g. 5.0); null = unweighted MSE (the paper).
-    p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance (SPEC §3).
+    p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance.
     gradient_checkpointing: recompute DiT / T5 / Q-Former block activations in the backward pass.
     fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2, ``configs/trainer/fsdp.yaml``):
         bf16 parameters and compute, fp32 gradient reduction and master weights.

@@ -34,7 +34,7 @@ from mige_lightning.models.mige import MIGE
 from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt, count_placeholders
 from mige_lightning.transforms import Transforms
 
-# SPEC §4 (upstream defaults): steps, instruction scale s_y, input scale s_s
+# the authors' defaults: steps, instruction scale s_y, input scale s_s
 TASK_DEFAULTS: dict[Task, dict[str, float | int | None]] = {
     Task.SUBJECT: {"num_inference_steps": 50, "guidance_scale": 7.0, "image_guidance_scale": None},
     Task.EDIT: {"num_inference_steps": 60, "guidance_scale": 5.0, "image_guidance_scale": 1.0},

@@ -2,7 +2,7 @@
 
 Tasks, their prefixes, prompt normalisation and the ``<imagehere>`` placeholder all live here so
 that the text a model is trained on is exactly the text it is sampled with (the authors' release
-normalises differently at train and inference time; see SPEC §2). ``PROMPT_VERSION`` is stored in
+normalises differently at train and inference time). ``PROMPT_VERSION`` is stored in
 checkpoints: bump it whenever ``build_prompt`` changes its output.
 """
 
@@ -51,7 +51,7 @@ TASK_PREFIX: dict[Task, str] = {
 
 
 def normalize_instruction(text: str, *, max_words: int = 88) -> str:
-    """BLIP caption normalisation (SPEC §2); placeholders come out as lower-case ``<imagehere>``."""
+    """BLIP caption normalisation; placeholders come out as lower-case ``<imagehere>``."""
     text = _BLIP_STRIP_RE.sub(" ", text.lower())
     text = _SPACES_RE.sub(" ", text).rstrip("\n").strip(" ")
     words = text.split(" ")

@@ -1,4 +1,4 @@
-"""FSDP2 for MIGE (SPEC §7): one shard group per transformer block, then the component roots.
+"""FSDP2 for MIGE: one shard group per transformer block, then the component roots.
 
 Groups, innermost first (each ``fully_shard`` call takes the parameters not already in a group):
 

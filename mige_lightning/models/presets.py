@@ -122,7 +122,7 @@ def _mid() -> MIGEConfig:
 
 
 def _xl() -> MIGEConfig:
-    """The paper's model (SPEC §2): EVA ViT-g/14 + Q-Former, Flan-T5-XXL encoder, PixArt-α XL/2 at 512 px."""
+    """The paper's model: EVA ViT-g/14 + Q-Former, Flan-T5-XXL encoder, PixArt-α XL/2 at 512 px."""
     return MIGEConfig(
         # BLIP-2 (EVA-CLIP ViT-g/14) and Q-Former dimensions; replaced by the checkpoint's own when loaded.
         vision=dict(
