@@ -182,10 +182,14 @@ class GaussianDiffusion(nn.Module):
         x_start, x_t, noise = x_start.float(), x_t.float(), noise.float()
         mse = _mean_flat((self.target(x_start, noise, t) - prediction) ** 2)
 
-        # model's log-variance interpolates between the posterior's clipped variance and β_t
+        # model's log-variance interpolates between the posterior's clipped variance and β_t. The
+        # fraction is clamped to [0, 1] (the interpolation's own range): unclamped, the VLB term
+        # keeps pushing the variance channels past β_t where the mean is still poor, and with the
+        # x₀ target those gradients, shared by the trunk, wrecked the mean at t ≤ 10 (samplers
+        # that end at t = 0 returned noise; tests/test_memorise.py)
         min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
         max_log = self._at(self.log_betas, t, x_t)
-        frac = (var_values + 1) / 2
+        frac = ((var_values + 1) / 2).clamp(0.0, 1.0)
         model_log_variance = frac * max_log + (1 - frac) * min_log
         pred_xstart = self.predict_xstart(prediction.detach(), x_t, t)
         coef1 = self._at(self.posterior_mean_coef1, t, x_t)

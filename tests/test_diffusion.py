@@ -45,7 +45,7 @@ def test_vb_matches_a_direct_kl_and_trains_only_the_variance_channels():
         post_var = beta * (1 - a_prev) / (1 - a)
         x0_hat = (x_t[i].double() - (1 - a).sqrt() * eps[i]) / a.sqrt()
         c1, c2 = beta * a_prev.sqrt() / (1 - a), (1 - a_prev) * (1 - beta).sqrt() / (1 - a)
-        frac = (v[i] + 1) / 2
+        frac = ((v[i] + 1) / 2).clamp(0, 1)
         model_logvar = frac * beta.log() + (1 - frac) * post_var.log()
         kl = normal_kl(
             c1 * x0.double()[i] + c2 * x_t[i].double(),
@@ -58,6 +58,27 @@ def test_vb_matches_a_direct_kl_and_trains_only_the_variance_channels():
     losses["vb"].sum().backward()
     assert output.grad[:, :4].abs().sum() == 0  # ε is stop-gradient inside the VLB
     assert output.grad[:, 4:].abs().sum() > 0
+
+
+def test_variance_values_beyond_the_interpolation_range_act_as_its_ends():
+    """The log-variance interpolates between the posterior variance (v = -1) and β_t (v = 1); a value
+    past either end scores as that end and gets no gradient, so the VLB cannot push the shared
+    trunk towards ever larger variances (with the x₀ target that wrecked the mean near t = 0)."""
+    diff = GaussianDiffusion(prediction_type="sample")
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 5, 600])
+    x_t = diff.add_noise(x0, noise, t)
+    mean = x0 + 0.3 * torch.randn_like(x0)  # a poor x₀ estimate: the VLB wants the largest variance
+    far = torch.cat([mean, torch.full_like(x0, 3.0)], 1).requires_grad_(True)
+    end = torch.cat([mean, torch.ones_like(x0)], 1)
+    lf = diff.training_losses(far, x_start=x0, x_t=x_t, t=t, noise=noise)
+    le = diff.training_losses(end, x_start=x0, x_t=x_t, t=t, noise=noise)
+    assert torch.allclose(lf["vb"], le["vb"])
+    lf["vb"].sum().backward()
+    assert far.grad[:, 4:].abs().sum() == 0
+    inside = torch.cat([mean, torch.full_like(x0, 0.5)], 1).requires_grad_(True)
+    diff.training_losses(inside, x_start=x0, x_t=x_t, t=t, noise=noise)["vb"].sum().backward()
+    assert inside.grad[:, 4:].abs().sum() > 0
 
 
 def test_t_zero_uses_the_decoder_nll():
