@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 from callbacks.ema import EMA
 from datamodules.images import load_rgb
 from datamodules.scene_judge import SceneAccuracy, load_truth, world_size
-from mige_lightning.metrics import L1Distance, L2Distance, build_metrics
+from mige_lightning.metrics import DEFAULT_CLIP_MODEL, L1Distance, L2Distance, build_metrics
 from mige_lightning.prompt import Task
 
 
@@ -55,7 +55,7 @@ class ValidationSampling(L.Callback):
                 k: m
                 for k, m in build_metrics(
                     dino=cfg.get("dino"),
-                    clip_model=cfg.get("clip_model") or "ViT-B-32",
+                    clip_model=cfg.get("clip_model") or DEFAULT_CLIP_MODEL,
                     clip_pretrained=cfg.get("clip_pretrained"),
                 ).items()
                 if k in ("dino", "clip_i", "l1", "l2")

@@ -7,6 +7,11 @@
   or ``final`` (each session's turns chained on the model's own outputs, last one scored).
 - ``dreambench``: ``google/dreambooth`` — ``dataset/<subject>/*`` and
   ``dataset/prompts_and_classes.txt``; one reference image per subject, N images per prompt.
+  ``reference_prep`` prepares the image the *model* sees (the metrics always compare with the raw
+  photo): ``raw`` (default) feeds the photo; ``mask_file`` feeds the subject cut out on black from
+  ``<image stem>_mask.png`` beside it — what the authors fed (segmented subjects, as in their
+  training references); or ``package.module:function`` taking (image, path) → image, e.g. a
+  segmentation model of your own.
 - ``migebench``: ``add_bench.json`` / ``replace_bench.json`` with the authors' fields.
 - ``synthetic``: a generated synthetic world's held-out split, scored by the pixel scene judge.
 
@@ -15,10 +20,13 @@ Every reader returns ``EvalItem``s; a missing file is an error naming the file a
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import PIL.Image
@@ -47,6 +55,7 @@ class EvalItem:
     baseline: ImageRef | None = None  # what copy-the-input outputs, when not the source / the reference
     seed: int = 0
     followups: tuple[str, ...] = ()  # MagicBrush final-turn: later instructions, chained
+    prepare: str = "raw"  # how `images` are prepared for the model (see resolve_reference_prep)
     meta: dict = field(default_factory=dict, compare=False)
 
 
@@ -56,6 +65,47 @@ def open_image(ref: ImageRef) -> PIL.Image.Image:
             img.load()
             return to_rgb(img)
     return load_rgb(ref)
+
+
+# ------------------------------------------------------------------ reference preparation
+ReferencePrep = Callable[[PIL.Image.Image, str], PIL.Image.Image]
+
+
+def on_black_from_mask_file(image: PIL.Image.Image, path: str) -> PIL.Image.Image:
+    """The subject on black: ``<stem>_mask.png`` beside the image (white = subject) keeps its pixels."""
+    mask_path = Path(path).with_name(f"{Path(path).stem}_mask.png")
+    if not mask_path.is_file():
+        raise ManifestError(
+            f"{path}: reference_prep 'mask_file' needs its mask {mask_path}, which is missing"
+        )
+    with PIL.Image.open(mask_path) as m:
+        mask = m.convert("L")
+    if mask.size != image.size:
+        raise ManifestError(
+            f"{mask_path}: mask is {mask.size[0]}×{mask.size[1]}, its image {image.size[0]}×{image.size[1]}"
+        )
+    black = PIL.Image.new("RGB", image.size)
+    return PIL.Image.composite(image, black, mask.point(lambda v: 255 if v >= 128 else 0))
+
+
+REFERENCE_PREPS: dict[str, ReferencePrep | None] = {"raw": None, "mask_file": on_black_from_mask_file}
+
+
+@cache
+def resolve_reference_prep(name: str) -> ReferencePrep | None:
+    """``raw`` (None: the photo as it is), ``mask_file``, or ``package.module:function``."""
+    if name in REFERENCE_PREPS:
+        return REFERENCE_PREPS[name]
+    if ":" not in name:
+        raise ValueError(
+            f"data.benchmark.reference_prep: expected one of {sorted(REFERENCE_PREPS)} or "
+            f"'package.module:function', got {name!r}"
+        )
+    module, fn = name.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data.benchmark.reference_prep: cannot import {name!r}: {e}") from e
 
 
 def _must_exist(path: Path, where: str) -> str:
@@ -111,7 +161,9 @@ def read_emu_edit(root: str | Path, *, split: str = "test", limit: int | None = 
                     images=(data,),
                     source=data,
                     reference=data,  # no ground truth: outputs are compared with the source
-                    caption=row["output_caption"],
+                    # rows whose captions are identical describe no change: the authors leave
+                    # them out of CLIP-T as well as CLIPdir
+                    caption=None if row["input_caption"] == row["output_caption"] else row["output_caption"],
                     input_caption=row["input_caption"],
                     output_caption=row["output_caption"],
                     meta={"emu_task": row["task"]},
@@ -192,8 +244,14 @@ def parse_dreambench_prompts(text: str) -> tuple[dict[str, str], list[str], list
 
 
 def read_dreambench(
-    root: str | Path, *, images_per_prompt: int = 4, live_classes=("dog", "cat"), limit: int | None = None
+    root: str | Path,
+    *,
+    images_per_prompt: int = 4,
+    live_classes=("dog", "cat"),
+    reference_prep: str = "raw",
+    limit: int | None = None,
 ) -> list[EvalItem]:
+    resolve_reference_prep(reference_prep)  # a bad name fails here, before any sampling
     root = Path(root)
     dataset = root / "dataset" if (root / "dataset").is_dir() else root
     prompts_file = dataset / "prompts_and_classes.txt"
@@ -205,7 +263,9 @@ def read_dreambench(
     items = []
     for subject, cls in sorted(classes.items()):
         images = sorted(
-            p for p in (dataset / subject).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+            p
+            for p in (dataset / subject).glob("*")
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png") and not p.stem.endswith("_mask")
         )
         if not images:
             raise ManifestError(f"{prompts_file}: subject '{subject}' has no images in {dataset / subject}")
@@ -224,6 +284,7 @@ def read_dreambench(
                         reference=ref,
                         caption=caption,
                         seed=k,
+                        prepare=reference_prep,
                         meta={"subject": subject, "class": cls},
                     )
                 )
@@ -337,8 +398,9 @@ class BenchmarkDataset:
 
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
+        prep = resolve_reference_prep(it.prepare)
         images = {
-            "images": [open_image(r) for r in it.images],
+            "images": [open_image(r) if prep is None else prep(open_image(r), str(r)) for r in it.images],
             "source": open_image(it.source) if it.source is not None else None,
             "reference": open_image(it.reference),
             "mask": open_image(it.mask) if it.mask is not None else None,

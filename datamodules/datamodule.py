@@ -19,7 +19,7 @@ from datamodules.dataset import MIGEDataset, collate
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
 from datamodules.requests import RequestDataset, collate_requests, read_requests
-from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler
+from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler, check_pool_weights
 from datamodules.validation import check_records, resolve_problems
 from mige_lightning.transforms import Transforms
 
@@ -169,6 +169,22 @@ class MIGEDataModule(L.LightningDataModule):
             )
             self.records.extend(records)
             self._parse_problems.extend(problems)
+        if stage == "fit":
+            # pools vs. weights now, from the parsed records: Lightning builds the model
+            # (configure_model) after setup, and at paper size that takes minutes
+            self.check_pools()
+
+    def check_pools(self) -> None:
+        """Every pool the records fall into has a weight, every weighted pool has records
+        (the sampler checks again after bad records are dropped)."""
+        sizes: dict[str, int] = defaultdict(int)
+        for rec in self.records:
+            sizes[rec.pool] += 1
+        world = self.trainer.world_size if self.trainer is not None else 1
+        try:
+            check_pool_weights(sizes, self.task_weights, world)
+        except ValueError as e:
+            raise ManifestError(f"{e} (pools found: {dict(sizes)})") from None
 
     def validated_records(self) -> list[Record]:
         """Every record checked once (paths, reference count, images); bad ones reported or skipped."""

@@ -30,6 +30,31 @@ DEFAULT_WEIGHTS = {
 }
 
 
+def check_pool_weights(
+    pool_sizes: Mapping[str, int], weights: Mapping[str, float], num_replicas: int = 1
+) -> dict[str, float]:
+    """Pools (``task`` or ``task/subtask`` → record count) against ``data.task_weights`` → the
+    active weights. Every pool with records needs a weight (0 disables it explicitly); every
+    weighted pool needs a record per rank; weights are >= 0 with one > 0."""
+    unweighted = sorted(k for k, n in pool_sizes.items() if n and k not in weights)
+    if unweighted:
+        raise ValueError(
+            f"data.task_weights: no weight for pool(s) {unweighted}; add them (0 disables a pool explicitly)"
+        )
+    active = {k: float(w) for k, w in weights.items() if w > 0}
+    if any(w < 0 for w in weights.values()) or not active:
+        raise ValueError(
+            f"data.task_weights: weights must be >= 0 with at least one > 0, got {dict(weights)}"
+        )
+    for key in active:
+        if pool_sizes.get(key, 0) < num_replicas:
+            raise ValueError(
+                f"data.task_weights: pool '{key}' has weight {active[key]} but {pool_sizes.get(key, 0)} "
+                f"record(s); each of the {num_replicas} rank(s) needs at least one"
+            )
+    return active
+
+
 class TaskBalancedSampler(DistributedSampler):
     def __init__(
         self,
@@ -44,22 +69,7 @@ class TaskBalancedSampler(DistributedSampler):
         # DistributedSampler.__init__ wants a dataset and a process group; nothing of it is used.
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
-        unweighted = sorted(k for k, v in pools.items() if len(v) and k not in weights)
-        if unweighted:
-            raise ValueError(
-                f"data.task_weights: no weight for pool(s) {unweighted}; add them (0 disables a pool explicitly)"
-            )
-        active = {k: float(w) for k, w in weights.items() if w > 0}
-        if any(w < 0 for w in weights.values()) or not active:
-            raise ValueError(
-                f"data.task_weights: weights must be >= 0 with at least one > 0, got {dict(weights)}"
-            )
-        for key in active:
-            if len(pools.get(key, ())) < num_replicas:
-                raise ValueError(
-                    f"data.task_weights: pool '{key}' has weight {active[key]} but {len(pools.get(key, ()))} "
-                    f"record(s); each of the {num_replicas} rank(s) needs at least one"
-                )
+        active = check_pool_weights({k: len(v) for k, v in pools.items()}, weights, num_replicas)
         self.keys = sorted(active)
         total = sum(active.values())
         self.probs = np.array([active[k] / total for k in self.keys])

@@ -6,13 +6,18 @@ errors. Images are PIL images; preprocessing is part of the protocol:
 | metric  | backbone                          | preprocessing                                         |
 |---------|-----------------------------------|-------------------------------------------------------|
 | DINO    | ViT-S/16 (``facebook/dino-vits16``), CLS of the last hidden state (after the final LayerNorm) | short side → 256 bicubic, center-crop 224, ImageNet mean/std |
-| CLIP-I  | open_clip ``ViT-B-32`` / ``openai`` | short side → 224 bicubic, center-crop 224, CLIP mean/std |
+| CLIP-I  | open_clip ``ViT-B-32-quickgelu`` / ``openai`` (OpenAI's ViT-B/32, QuickGELU) | short side → 224 bicubic, center-crop 224, CLIP mean/std |
 | CLIP-T  | same; text padded/truncated to 77 tokens | as CLIP-I                                        |
 | CLIPdir | same; samples with identical captions skipped (0/0) | as CLIP-I                               |
 | L1 / L2 | —                                 | output resized to the reference's size (PIL bicubic), [0, 1]; L2 is the MSE |
 
 Backbones load from a hub id or a local path, are frozen, and are loaded once per process and
 shared between metrics. They are never part of a metric's ``state_dict``.
+
+CLIP's activation follows its weights: OpenAI's CLIP was trained with QuickGELU, and open_clip
+builds ``ViT-B-32`` with plain GELU even for the ``openai`` tag (it only warns), which changes every
+CLIP score. ``load_clip`` therefore forces QuickGELU whenever the pretrained tag says so; the
+default model name is ``ViT-B-32-quickgelu``, which also holds for a local copy of OpenAI's weights.
 """
 
 from __future__ import annotations
@@ -99,14 +104,34 @@ def load_dino(source: str = "facebook/dino-vits16") -> DinoEmbedder:
     return DinoEmbedder(model)
 
 
+DEFAULT_CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32 as trained: QuickGELU activations
+
+
+def force_quick_gelu(model_name: str, pretrained: str) -> bool:
+    """Whether ``model_name`` must be built with QuickGELU to match ``pretrained``: True when the
+    pretrained tag was trained with QuickGELU (OpenAI's weights) and the model config lacks it.
+    A local checkpoint file carries no tag: the model config decides (name a ``-quickgelu`` config
+    for a local copy of OpenAI's weights)."""
+    import open_clip
+
+    if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+        return False
+    tag_quick = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+    model_quick = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+    return tag_quick and not model_quick
+
+
 @cache
-def load_clip(model_name: str = "ViT-B-32", pretrained: str = "openai") -> ClipEmbedder:
-    """open_clip model by name with a pretrained tag (``openai``) or a local checkpoint file."""
+def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str = "openai") -> ClipEmbedder:
+    """open_clip model by name with a pretrained tag (``openai``) or a local checkpoint file, with
+    the activation its weights were trained with (``force_quick_gelu``)."""
     import open_clip
 
     if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
         resolve_source(pretrained, key="metrics.clip.pretrained")  # a local file must exist
-    model = open_clip.create_model(model_name, pretrained=pretrained)
+    model = open_clip.create_model(
+        model_name, pretrained=pretrained, force_quick_gelu=force_quick_gelu(model_name, pretrained)
+    )
     return ClipEmbedder(model, open_clip.get_tokenizer(model_name))
 
 
@@ -227,7 +252,7 @@ def _warn_once(message: str) -> None:
 
 
 def build_metrics(
-    *, dino: str | None = None, clip_model: str = "ViT-B-32", clip_pretrained: str | None = None
+    *, dino: str | None = None, clip_model: str = DEFAULT_CLIP_MODEL, clip_pretrained: str | None = None
 ) -> dict[str, Metric]:
     """Name → metric in the paper's column order. Backbone metrics are left out — with one log
     line saying so — when no backbone is configured; they are never computed on random weights."""

@@ -24,6 +24,7 @@ from mige_lightning.checkpoint_state import (
 from mige_lightning.condition_dropout import draw_condition_dropout
 from mige_lightning.diffusion import GaussianDiffusion
 from mige_lightning.evaluation import BenchmarkEvaluator
+from mige_lightning.metrics import DEFAULT_CLIP_MODEL
 from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
 from mige_lightning.pipeline import MIGEPipeline, check_task_defaults, make_scheduler
@@ -56,7 +57,7 @@ class MIGELightningModule(L.LightningModule):
     sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).
     predict_seed: base seed; a request without its own seed uses base + its index in the file.
     eval_metrics: metric backbones for ``test`` / validation sampling: ``{dino: facebook/dino-vits16,
-        clip_model: ViT-B-32, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
+        clip_model: ViT-B-32-quickgelu, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
         backbone left out disables its metrics (logged), L1 / L2 always run.
     eval_num_inference_steps: override the per-task default number of sampling steps in ``test``.
     """
@@ -339,7 +340,7 @@ class MIGELightningModule(L.LightningModule):
             raise KeyError(f"model.eval_metrics: unknown keys {sorted(unknown)}")
         return BenchmarkEvaluator(
             dino=cfg.get("dino"),
-            clip_model=cfg.get("clip_model") or "ViT-B-32",
+            clip_model=cfg.get("clip_model") or DEFAULT_CLIP_MODEL,
             clip_pretrained=cfg.get("clip_pretrained"),
             crop_fn=cfg.get("crop_fn") or "mask",
         )

@@ -242,8 +242,15 @@ class MIGEPipeline(DiffusionPipeline):
 
         2-way (``image_guidance_scale`` None): branches (c, input), (∅, input).
         3-way: (c, src), (∅, src), (∅, 0) — condition rows of ``cond`` are followed by the null rows.
+        Branches whose weight is zero are not run: with s_s = 1 the (∅, 0) branch cancels out
+        (3-way = 2-way on the source), and with s_y = 1 as well only (c, src) is left.
         """
         b, c = latents.shape[:2]
+        if image_guidance_scale is not None and image_guidance_scale == 1.0:
+            image_guidance_scale = None  # e(∅,0) + 1·(e(∅,src) − e(∅,0)) = e(∅,src): 2-way on the source
+        if image_guidance_scale is None and guidance_scale == 1.0:
+            out = self.model(latents, t, cond=cond, cond_mask=cond_mask, cond_input=cond_input)
+            return out[:, :c]  # e(∅) + 1·(e(c) − e(∅)) = e(c): the conditional branch alone
         null = self.model.null_condition.to(cond.dtype)
         length = max(cond.shape[1], null.shape[0])
         k = 2 if image_guidance_scale is None else 3

@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 
 from datamodules.benchmarks import parse_dreambench_prompts, read_benchmark, rewrite_emu_instruction
+from datamodules.records import ManifestError
 from mige_lightning import metrics as M
 from mige_lightning.cli import main
 from tests.metric_backbones import save_tiny_backbones
@@ -195,6 +196,8 @@ def test_reader_builds_items_from_the_public_layout(tmp_path, name):
         dog = [it for it in items if it.meta["subject"] == "dog"]
         assert dog[0].instruction == "a <imagehere> on the beach" and dog[0].caption == "a dog on the beach"
         assert [it.seed for it in dog[:2]] == [0, 1]
+    if name == "emu_edit":  # identical captions: no CLIP-T caption, as the authors' evaluation
+        assert [it.caption for it in items] == ["a black and white dog", "a cat with a hat", None]
     if name == "migebench":
         assert all(Path(it.reference).is_file() and it.mask and it.subject for it in items)  # re-rooted paths
     if name == "magicbrush":
@@ -256,6 +259,7 @@ def test_benchmark_runs_through_test_and_writes_the_table(tmp_path, monkeypatch,
         # no ground truth: the baseline *is* the reference, so it scores perfectly — exactly what the row exposes
         assert base["DINO"] > 0.999 and base["L1"] == 0.0 and "CLIPdir" in model
         assert sum(r["clip_dir"] != "nan" for r in rows) == 2  # identical captions skipped
+        assert sum(r["clip_t"] != "nan" for r in rows) == 2  # for CLIP-T too (the authors' rule)
     if name in ("magicbrush", "migebench"):
         assert {"l1_outside", "dino_inside"} <= set(results["extras"]) and "L1 outside mask" in table
     if name == "migebench":
@@ -264,3 +268,44 @@ def test_benchmark_runs_through_test_and_writes_the_table(tmp_path, monkeypatch,
     expected = {"dreambench": "| | DINO | CLIP-I | CLIP-T |"}.get(name)
     if expected:
         assert header == expected
+
+
+def half_black(image, path):  # a reference_prep given as package.module:function
+    out = image.copy()
+    out.paste((0, 0, 0), (0, 0, image.width // 2, image.height))
+    return out
+
+
+def test_dreambench_reference_prep_changes_what_the_model_sees_not_the_metric_reference(tmp_path):
+    from datamodules.benchmarks import BenchmarkDataset, open_image
+
+    make_dreambench(tmp_path)
+    photo = tmp_path / "dataset" / "dog" / "00.jpg"
+    w, h = open_image(str(photo)).size
+    mask = np.zeros((h, w), np.uint8)
+    mask[5:20, 10:30] = 255
+    PIL.Image.fromarray(mask).save(photo.with_name("00_mask.png"))
+    spec = {"name": "dreambench", "root": str(tmp_path), "images_per_prompt": 1}
+
+    raw = read_benchmark(spec)
+    assert {Path(it.images[0]).name for it in raw} == {"00.jpg"}  # masks are not taken for photos
+    dog = next(i for i, it in enumerate(raw) if it.meta["subject"] == "dog")
+    fed = np.asarray(BenchmarkDataset(raw)[dog]["images"]["images"][0])
+    assert np.array_equal(fed, np.asarray(open_image(str(photo))))  # default: the photo as it is
+
+    cut = read_benchmark({**spec, "reference_prep": "mask_file"})
+    sample = BenchmarkDataset(cut)[dog]["images"]
+    fed = np.asarray(sample["images"][0])
+    original = np.asarray(open_image(str(photo)))
+    assert (fed[mask == 0] == 0).all() and np.array_equal(fed[mask == 255], original[mask == 255])
+    assert np.array_equal(np.asarray(sample["reference"]), original)  # the metric keeps the raw photo
+
+    custom = read_benchmark({**spec, "reference_prep": "tests.test_benchmarks:half_black"})
+    fed = np.asarray(BenchmarkDataset(custom)[dog]["images"]["images"][0])
+    assert (fed[:, : w // 2] == 0).all() and np.array_equal(fed[:, w // 2 :], original[:, w // 2 :])
+
+    with pytest.raises(ValueError, match="reference_prep"):
+        read_benchmark({**spec, "reference_prep": "segment"})
+    backpack = next(i for i, it in enumerate(cut) if it.meta["subject"] == "backpack")
+    with pytest.raises(ManifestError, match=r"00_mask\.png, which is missing"):
+        BenchmarkDataset(cut)[backpack]

@@ -3,6 +3,7 @@ at start-up naming the key or path."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def test_config_parses_and_runs_one_step(config, tmp_path, monkeypatch):
             "--model.gradient_checkpointing=false",
             *_data_swap(tmp_path),
         ]
+    if "strategy" in raw.get("trainer", {}):  # sharded over 4 GPUs as shipped: one CPU process here
+        args += ["--trainer.strategy=auto", "--model.fsdp_mixed_precision=false"]
     cli = _fit(args, tmp_path, monkeypatch)
     assert cli.trainer.global_step == 1
     assert math.isfinite(cli.trainer.callback_metrics["train/loss"].item())
@@ -187,3 +190,56 @@ def test_malformed_yaml_value_names_the_key(tmp_path, monkeypatch, capsys):
         main(["--config", str(bad)], run=False)
     err = capsys.readouterr().err
     assert "model.lr" in err and "fast" in err
+
+
+def test_paper_config_runs_sharded_by_itself_with_covered_pools(tmp_path, monkeypatch):
+    """configs/mige_xl.yaml alone: FSDP2 over its 4 GPUs (plain DDP would need ~88 GB per GPU), the
+    authors' effective learning rate, and manifests whose pools the task weights cover."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from datamodules.task_sampler import check_pool_weights
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(REPO / "configs/mige_xl.yaml"), "--trainer.accelerator=cpu"], run=False)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._data_parallel_size == cli.trainer.num_devices * cli.trainer.num_nodes == 4
+    assert cli.trainer.precision == "32-true" and cli.model.hparams.fsdp_mixed_precision
+    assert cli.model.hparams.lr == pytest.approx(1e-5 * math.sqrt(32 / 256), rel=1e-3)
+    pools = {
+        f"{m['task']}/{m['subtask']}" if m.get("subtask") else m["task"]: 1 for m in cli.datamodule.manifests
+    }
+    check_pool_weights(pools, cli.datamodule.task_weights)  # raises on a pool without a weight
+
+
+def test_pools_without_a_weight_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    """A subject_edit manifest without a subtask makes a `subject_edit` pool that the default
+    weights (add / replace) do not cover: the run must stop in the data module's setup, before
+    configure_model builds the networks (minutes at paper size), naming the pool."""
+    from datamodules.records import ManifestError
+    from datamodules.synthetic import generate
+    from mige_lightning.module import MIGELightningModule
+
+    world = tmp_path / "world"
+    generate(world, num_samples=8, size=32, seed=0)
+    # the authors' layout: subject_edit records carry no subtask
+    records = json.loads((world / "train_subject_edit.json").read_text())
+    (world / "mixed.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "subtask"} for r in records])
+    )
+    built = []
+    monkeypatch.setattr(MIGELightningModule, "configure_model", lambda self: built.append(1))
+    args = [
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        *CPU_STEP,
+        "--data.synthetic=null",
+        f"--data.manifests=[{{path: {world}/train_subject.json, task: subject}}, "
+        f"{{path: {world}/train_edit.json, task: edit}}, "
+        f"{{path: {world}/mixed.json, task: subject_edit}}]",
+        "--data.task_weights=null",
+        "--trainer.callbacks=[]",
+    ]
+    with pytest.raises(ManifestError, match=r"no weight for pool\(s\) \['subject_edit'\]"):
+        _fit(args, tmp_path, monkeypatch)
+    assert built == []

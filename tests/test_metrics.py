@@ -201,3 +201,34 @@ def test_metrics_in_two_gloo_processes_equal_the_single_process_values(backbones
     dist_values = torch.load(out)
     for k, v in _scored(backbones, range(6)).items():
         assert abs(v.compute().item() - dist_values[k]) < 1e-6, k
+
+
+def test_clip_activation_follows_the_weights_tag(backbones, monkeypatch):
+    """OpenAI's CLIP weights need QuickGELU; open_clip builds plain ``ViT-B-32`` with GELU even for
+    the ``openai`` tag (it only warns). ``load_clip`` must force QuickGELU there."""
+    import open_clip
+
+    assert M.force_quick_gelu("ViT-B-32", "openai") is True
+    assert M.force_quick_gelu("ViT-B-32-quickgelu", "openai") is False  # the config has it already
+    assert M.force_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") is False  # trained with GELU
+    assert M.force_quick_gelu("ViT-B-32", backbones["clip_pretrained"]) is False  # a file: config decides
+    assert M.DEFAULT_CLIP_MODEL == "ViT-B-32-quickgelu"
+    assert open_clip.get_model_config(M.DEFAULT_CLIP_MODEL)["quick_gelu"] is True
+
+    # what load_clip builds for the openai tag (weights not loaded: no network here)
+    seen = {}
+    real = open_clip.create_model
+
+    def create(name, pretrained=None, **kwargs):
+        seen.update(kwargs)
+        return real(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model", create)
+    M.load_clip.cache_clear()
+    try:
+        clip = M.load_clip("ViT-B-32", "openai")
+    finally:
+        M.load_clip.cache_clear()
+    assert seen["force_quick_gelu"] is True
+    acts = {type(m).__name__ for m in clip.modules() if "GELU" in type(m).__name__}
+    assert acts == {"QuickGELU"}, acts

@@ -96,6 +96,28 @@ def test_two_and_three_way_guidance_equal_a_direct_reference_computation(pipe, m
     assert torch.equal(two, e_0_src + 7.0 * (e_c_src - e_0_src))
     one_one = pipe.guided_epsilon(**args, guidance_scale=1.0, image_guidance_scale=1.0)
     assert torch.allclose(one_one, e_c_src, atol=1e-6)  # s_y = s_s = 1 → the fully conditional prediction
+
+
+def test_guidance_branches_with_zero_weight_are_not_run(pipe, monkeypatch):
+    """s_s = 1 cancels the (∅, 0) branch, s_y = 1 as well leaves (c, src) alone: fewer rows per
+    forward, the same result as the full 3-way / 2-way combination."""
+    toy, args = _toy_setup(pipe)
+    monkeypatch.setattr(pipe, "_mige", toy)
+    e_c_src, e_0_src, e_0_0 = (
+        _direct(toy, args, condition=c, source=s) for c, s in [(True, True), (False, True), (False, False)]
+    )
+    full = {
+        (5.0, 1.0): cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=5.0, image_scale=1.0),
+        (1.0, 1.0): cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=1.0, image_scale=1.0),
+        (1.0, None): cfg_2way(e_0_src, e_c_src, 1.0),
+        (5.0, 1.5): cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=5.0, image_scale=1.5),
+    }
+    rows = {(5.0, 1.0): 6, (1.0, 1.0): 3, (1.0, None): 3, (5.0, 1.5): 9}
+    for (s_y, s_s), expected in full.items():
+        toy.calls.clear()
+        got = pipe.guided_epsilon(**args, guidance_scale=s_y, image_guidance_scale=s_s)
+        assert toy.calls == [rows[(s_y, s_s)]], (s_y, s_s, toy.calls)
+        assert torch.allclose(got, expected, atol=1e-5), (s_y, s_s)
     assert torch.allclose(cfg_2way(e_0_src, e_c_src, 1.0), e_c_src, atol=1e-6)
     assert torch.allclose(cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=0.0, image_scale=0.0), e_0_0)
 
