@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,19 @@ log = logging.getLogger(__name__)
 
 EMA_PREFIX = "_ema."
 SHARDED_EMA_KEY = "ema_sharded"  # checkpoint key: names of the EMA weights stored as shards
+
+
+# ----------------------------------------------------------------------------------- loading
+def load_checkpoint_file(path: str | Path, **kwargs):
+    """``torch.load`` with ``weights_only=True``: tensors, containers and plain values only. A file
+    that needs arbitrary unpickling (which can run code) is refused with an error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refusing to load — it needs arbitrary unpickling, which can run code "
+            f"(not a checkpoint this project wrote?): {str(e).splitlines()[0]}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ RNG

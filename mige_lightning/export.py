@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from datamodules.datamodule import MIGEDataModule
-from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY
+from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY, load_checkpoint_file
 from mige_lightning.cli import MIGECLI
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.prompt import PROMPT_VERSION
@@ -44,7 +44,7 @@ def read_checkpoint(module: MIGELightningModule, path: Path) -> tuple[dict, dict
     the EMA weights (full tensors) when it has them."""
     params = dict(module.named_parameters())
     if (path / "meta.pt").is_file():  # sharded: read every rank's shards here, in one process
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        meta = load_checkpoint_file(path / "meta.pt")
         _check_same_model(module, meta, path)
         _load_shards(module.state_dict(), path)
         ema = None
@@ -54,7 +54,7 @@ def read_checkpoint(module: MIGELightningModule, path: Path) -> tuple[dict, dict
             ema = {n[len(EMA_PREFIX) :]: t for n, t in ema.items()}
         return meta, ema
     if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(path)
         _check_same_model(module, ckpt, path)
         module.load_state_dict(ckpt.pop("state_dict"))
         return ckpt, ckpt.pop("ema", None)

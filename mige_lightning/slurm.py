@@ -15,10 +15,10 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from callbacks.slurm_requeue import slurm_job_id
+from mige_lightning.checkpoint_state import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ def use_job_run_dir(trainer_config) -> str | None:
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint (file, or sharded folder with ``meta.pt``) was saved at."""
     source = path / "meta.pt" if path.is_dir() else path
-    return int(
-        torch.load(source, map_location="cpu", mmap=not path.is_dir(), weights_only=False)["global_step"]
-    )
+    return int(load_checkpoint_file(source, mmap=not path.is_dir())["global_step"])
 
 
 def newest_checkpoint(candidates: Iterable[Path]) -> Path | None:

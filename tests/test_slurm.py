@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -63,6 +64,41 @@ def _fake_checkpoint(path: Path, step: int, *, sharded: bool = True) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"global_step": step, "state_dict": {}}, path)
     return path
+
+
+class _RunsCode:
+    """Unpickling this calls ``Path.touch(marker)``: a stand-in for ``os.system`` in a crafted file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_checkpoints_are_refused_without_running_their_code(tmp_path, caplog):
+    """Auto-resume scans the run folder for any hpc_ckpt_* / last*.ckpt: a file planted there that
+    needs arbitrary unpickling must be skipped (named in the log) and its code never run; export
+    refuses it with an error naming the file."""
+    from mige_lightning.checkpoint_state import load_checkpoint_file
+    from mige_lightning.export import read_checkpoint
+
+    marker = tmp_path / "code_ran"
+    good = _fake_checkpoint(tmp_path / "checkpoints/last.ckpt", 10)
+    planted = tmp_path / "hpc_ckpt_9.ckpt"
+    torch.save({"global_step": 999, "payload": _RunsCode(marker)}, planted)
+    sharded = tmp_path / "hpc_ckpt_8.ckpt"
+    sharded.mkdir()
+    torch.save({"global_step": 998, "payload": _RunsCode(marker)}, sharded / "meta.pt")
+    with caplog.at_level("WARNING"):
+        assert newest_checkpoint([good, planted, sharded]) == good
+    assert not marker.exists()
+    assert f"ignoring unreadable checkpoint {planted}" in caplog.text and "refusing to load" in caplog.text
+    with pytest.raises(ValueError, match=r"hpc_ckpt_9\.ckpt: refusing to load"):
+        load_checkpoint_file(planted)
+    with pytest.raises(ValueError, match=r"meta\.pt: refusing to load"):
+        read_checkpoint(SimpleNamespace(named_parameters=list), sharded)  # meta.pt comes first
+    assert not marker.exists()
 
 
 def test_resume_picks_the_highest_step_and_skips_a_broken_checkpoint(tmp_path):
