@@ -188,6 +188,18 @@ class MIGELightningModule(L.LightningModule):
         output = self.model(x_t, t, cond=cond, cond_mask=cond_mask, cond_input=cond_input)
         losses = self.diffusion.training_losses(output, x_start=x_start, x_t=x_t, t=t, noise=noise)
         loss = losses["loss"].mean()
+        # a non-finite loss stops the run on every rank (one rank alone would hang the others in
+        # the next collective) before the optimiser writes NaN into the weights and the EMA
+        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
+            per_task = {
+                task: losses["loss"][[i for i, n in enumerate(batch["task"]) if n == task]].tolist()
+                for task in sorted(set(batch["task"]))
+            }
+            raise FloatingPointError(
+                f"training loss is not finite at step {self.global_step} (this rank: {loss.item()}; "
+                f"per-sample losses by task: {per_task}). Weights are unchanged by this step; a "
+                "diverging run usually needs a lower model.lr or a gradient clip (trainer.gradient_clip_val)"
+            )
 
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mse", losses["mse"].mean(), batch_size=batch_size)

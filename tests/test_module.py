@@ -118,3 +118,25 @@ def test_ranks_draw_different_noise_after_the_same_seed():
     assert torch.equal(single, torch.rand(4))  # one process: the seed is left as configured
     assert not torch.equal(draws(2, 0), draws(2, 1))  # ranks no longer share timesteps / noise
     assert torch.equal(draws(2, 1), draws(2, 1))  # still deterministic per rank
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_no_nan_weights(tmp_path):
+    """lr = 1e3: the loss turns NaN within a few steps; training must stop there with an error
+    naming the step (not run on and exit 0 with NaN weights)."""
+    torch.manual_seed(0)
+    module = MIGELightningModule("tiny", lr=1e3, warmup_steps=1)
+    batch = make_batch(module.config, [1, 2, 0, 1])
+    loader = torch.utils.data.DataLoader([batch] * 40, batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(FloatingPointError, match=r"training loss is not finite at step \d+"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step < 40
+    assert all(torch.isfinite(p).all() for p in module.parameters())
