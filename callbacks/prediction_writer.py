@@ -35,6 +35,8 @@ class PredictionWriter(BasePredictionWriter):
             for item in prediction:
                 r = item["request"]
                 path = self.output_dir / f"{r['id']}.png"
+                if path.resolve().parent != self.output_dir.resolve():  # ids are checked on reading
+                    raise ValueError(f"{r['origin']}: id {r['id']!r} would write outside {self.output_dir}")
                 item["image"].save(path)
                 entry = {
                     "id": r["id"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,23 @@ OPTIONAL_NUMBERS = {
     "image_guidance_scale": float,
     "num_inference_steps": int,
 }
+
+
+# an id names its output file <output_dir>/<id>.png: a plain file name, nothing that leaves the folder
+ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+
+def check_id(value: Any) -> tuple[str | None, str | None]:
+    """A request id → (id, None), or (None, what is wrong). Strings and integers only."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"'id' must be a string or an integer, got {type(value).__name__} {value!r}"
+    rid = str(value)
+    if not ID_RE.fullmatch(rid) or rid.endswith("."):
+        return None, (
+            f"'id' {rid!r} is not a plain file name: use letters, digits, '_', '-' and '.' "
+            "(no '/', '\\', spaces or leading '.'; at most 200 characters): it names the output PNG"
+        )
+    return rid, None
 
 
 @dataclass(frozen=True)
@@ -102,13 +120,16 @@ def read_requests(path: str | Path) -> tuple[list[Request], list[Problem]]:
             problems.append(Problem(origin, "malformed JSON", f"malformed JSON line: {e.msg}"))
             continue
         fields, error = _parse(obj, origin=origin, base=path.parent)
-        rid = str(obj.get("id", f"line{lineno}")) if isinstance(obj, dict) else None
-        if error is None and rid in ids:
-            error = f"duplicate id {rid!r}"
+        rid = None
+        if error is None:
+            rid, error = check_id(obj.get("id", f"line{lineno}"))
+        # ids differing only in case would overwrite each other on case-insensitive file systems
+        if error is None and rid.lower() in ids:
+            error = f"duplicate id {rid!r} (ids name output files; compared ignoring case)"
         if error is not None:
             problems.append(Problem(origin, "bad request", error))
             continue
-        ids.add(rid)
+        ids.add(rid.lower())
         requests.append(Request(id=rid, origin=origin, index=len(requests), **fields))
     return requests, problems
 
