@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mige_lightning.prompt import Task, count_placeholders
+from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
 
 SUBTASKS = {Task.SUBJECT_EDIT: ("add", "replace")}
 
@@ -129,6 +129,8 @@ def parse_record(
             "placeholder count",
             f"{n_placeholders} <imagehere> placeholder(s) but {len(refs)} image(s) in 'entity_path'",
         )
+    if (cut := placeholders_cut(instruction)) is not None:
+        raise bad("placeholder cut", f"'multi_prompt': {cut}")
     return Record(
         task=parsed_task,
         target=base / obj["image"],

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from datamodules.images import load_rgb
 from datamodules.records import Problem
-from mige_lightning.prompt import Task, count_placeholders
+from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
 
 log = logging.getLogger(__name__)
 OPTIONAL_NUMBERS = {
@@ -76,6 +76,8 @@ def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
     n = count_placeholders(obj["instruction"])
     if n != len(images):
         return {}, f"{n} <imagehere> placeholder(s) but {len(images)} image(s)"
+    if (cut := placeholders_cut(obj["instruction"])) is not None:
+        return {}, cut
     source = base / obj["source"] if obj.get("source") else None
     if task.uses_source and source is None:
         return {}, f"task '{task.value}' needs a 'source'"

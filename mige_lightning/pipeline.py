@@ -31,7 +31,7 @@ from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder
 from mige_lightning.models.encoder import MultimodalEncoder
 from mige_lightning.models.mige import MIGE
-from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt, count_placeholders
+from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt, count_placeholders, placeholders_cut
 from mige_lightning.transforms import Transforms
 
 # the authors' defaults: steps, instruction scale s_y, input scale s_s
@@ -315,6 +315,8 @@ class MIGEPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"instruction {i}: {count_placeholders(text)} <imagehere> placeholder(s) but {len(r)} image(s)"
                 )
+            if (cut := placeholders_cut(text)) is not None:
+                raise ValueError(f"instruction {i}: {cut}")
         if task.uses_source and any(s is None for s in sources):
             raise ValueError(f"task '{task.value}' needs a source image for every instruction")
         seeds = list(seeds) if seeds is not None else [seed + i for i in range(n)]

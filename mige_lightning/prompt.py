@@ -69,6 +69,22 @@ def count_placeholders(text: str) -> int:
     return len(_PLACEHOLDER_RE.findall(text))
 
 
+def placeholders_cut(text: str, *, max_words: int = 88) -> str | None:
+    """Why the word limit of ``normalize_instruction`` would drop placeholders of ``text`` (the
+    encoder would then see fewer placeholders than images), or None when they all survive."""
+    total, kept = (
+        count_placeholders(text),
+        count_placeholders(normalize_instruction(text, max_words=max_words)),
+    )
+    if kept == total:
+        return None
+    words = len(_SPACES_RE.sub(" ", _BLIP_STRIP_RE.sub(" ", text.lower())).strip(" ").split(" "))
+    return (
+        f"the instruction has {words} words and the {max_words}-word limit cuts {total - kept} of its "
+        f"{total} <imagehere> placeholder(s); shorten it or move the placeholders earlier"
+    )
+
+
 def split_placeholders(text: str) -> list[str]:
     """Text segments around the placeholders: ``k`` placeholders give ``k + 1`` segments."""
     return _PLACEHOLDER_RE.split(text)

@@ -240,3 +240,10 @@ def test_every_scheduler_recovers_x0_from_an_oracle_of_each_prediction_type(
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(name, prediction_type=prediction_type))
     out = pipe("a <imagehere>", task="subject", images=[_img()], num_inference_steps=10, output_type="latent")
     assert torch.allclose(out.latents, x0, atol=1e-3), (out.latents - x0).abs().max()
+
+
+def test_a_placeholder_beyond_the_word_limit_is_refused_before_sampling(pipe):
+    with pytest.raises(
+        ValueError, match=r"instruction 0: the instruction has 93 words and the 88-word limit cuts 1"
+    ):
+        pipe("word " * 90 + "put <imagehere> here", task="subject", images=[_img(0)])

@@ -100,6 +100,12 @@ def _bad_cases(tmp_path):
             "5 reference images; the model allows 4",
         ),
         (None, "malformed JSON line"),
+        (
+            # 95 words before the placeholder: the 88-word limit would cut it, and training
+            # would then fail on "0 placeholder(s) but 1 image(s)" mid-run
+            {**GOOD, "multi_prompt": "word " * 95 + "a <imagehere>"},
+            "the instruction has 97 words and the 88-word limit cuts 1 of its 1 <imagehere> placeholder(s)",
+        ),
     ]
 
 

@@ -41,3 +41,17 @@ def test_ids_that_leave_the_output_folder_or_collide_are_bad_requests(tmp_path):
     assert "duplicate id 'X'" in bad[f"{path}:6"]
     for n in (12, 13, 14):
         assert "'id' must be a string or an integer" in bad[f"{path}:{n}"]
+
+
+def test_a_placeholder_beyond_the_word_limit_is_a_bad_request(tmp_path):
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "ref.png")
+    long = "word " * 90 + "put <imagehere> here"
+    lines = [
+        {"id": "short", "task": "subject", "instruction": "a <imagehere>", "images": ["ref.png"]},
+        {"id": "long", "task": "subject", "instruction": long, "images": ["ref.png"]},
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    requests, problems = read_requests(path)
+    assert [r.id for r in requests] == ["short"]
+    assert [p.origin for p in problems] == [f"{path}:2"] and "88-word limit cuts 1" in problems[0].detail
