@@ -194,7 +194,7 @@ class MIGEDataModule(L.LightningDataModule):
         good, problems = [], list(self._parse_problems)
         by_manifest: dict[str, list[Record]] = defaultdict(list)
         for rec in self.records:
-            by_manifest[rec.origin.rsplit(":", 1)[0]].append(rec)
+            by_manifest[rec.manifest].append(rec)
         for manifest, records in by_manifest.items():
             root = Path(self.root) if self.root else Path(manifest).parent
             ok, bad = check_records(

@@ -8,6 +8,7 @@ problem is collected as ``file:line: reason`` so one report lists them all (``va
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,9 @@ class Record:
     instruction: str
     references: tuple[Path, ...]  # fill the placeholders, in order
     source: Path | None  # conditional input for edit / subject_edit
-    origin: str  # "manifest.jsonl:12", for error messages
+    origin: str  # "manifest.json:12: record 7" (line, and n-th record of the file), for messages
     subtask: str | None = None  # "add" / "replace" inside subject_edit
+    manifest: str = ""  # the manifest file it came from
 
     @property
     def pool(self) -> str:
@@ -64,7 +66,15 @@ def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            return [], [Problem(f"{path}:{e.lineno}", "malformed JSON", f"malformed JSON: {e.msg}")]
+            # its records cannot be told apart: the whole file is unusable, in skip mode too
+            return [], [
+                Problem(
+                    f"{path}:{e.lineno}",
+                    "malformed manifest",
+                    f"malformed JSON list (line {e.lineno}, column {e.colno}): {e.msg}; none of this "
+                    "file's records can be read — fix the file",
+                )
+            ]
         # the line of each top-level element, so errors in a JSON list also point at a line
         decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
         for _ in items:
@@ -151,10 +161,12 @@ def read_manifest(
         return [], [Problem(f"{path}:0", "missing manifest", "manifest file does not exist")]
     entries, problems = _entries(path)
     records = []
-    for line, obj in entries:
-        origin = f"{path}:{line}"
+    for number, (line, obj) in enumerate(entries, start=1):
+        # keyed by record, not by line: a one-line (minified) JSON list holds many records per line
+        origin = f"{path}:{line}: record {number}"
         try:
-            records.append(parse_record(obj, origin=origin, base=path.parent, task=task, subtask=subtask))
+            rec = parse_record(obj, origin=origin, base=path.parent, task=task, subtask=subtask)
+            records.append(dataclasses.replace(rec, manifest=str(path)))
         except ManifestError as e:
             reason = str(e).removeprefix(f"{origin}: ")
             problems.append(Problem(origin, e.kind, reason))

@@ -75,12 +75,23 @@ def check_records(
     return good, list(problems.values())
 
 
+FILE_PROBLEMS = ("missing manifest", "malformed manifest")
+
+
 def resolve_problems(records: list[Record], problems: list[Problem], *, on_bad_record: str) -> list[Record]:
     """Raise one report of every problem, or (skip mode) log per-reason counts and return the good records."""
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"data.on_bad_record: expected one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     if not problems:
         return records
+    # whole files lost: never skipped silently, whatever the mode
+    fatal = [p for p in problems if p.kind in FILE_PROBLEMS]
+    if on_bad_record == "skip" and fatal:
+        lines = "\n".join(str(p) for p in fatal)
+        raise ManifestError(
+            f"{len(fatal)} manifest file(s) cannot be read (skip mode drops bad records, not whole files):\n{lines}",
+            problems=fatal,
+        )
     if on_bad_record == "error":
         lines = "\n".join(str(p) for p in problems)
         raise ManifestError(

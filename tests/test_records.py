@@ -57,8 +57,8 @@ def test_authors_json_list_loads_unchanged_with_task_from_config(tmp_path):
         i for i, line in enumerate((tmp_path / "edit.json").read_text().splitlines(), 1) if line == " {"
     ]
     assert [r.origin for r in recs] == [
-        f"{tmp_path / 'edit.json'}:{n}" for n in starts
-    ]  # each object's first line
+        f"{tmp_path / 'edit.json'}:{n}: record {i}" for i, n in enumerate(starts, 1)
+    ]  # each object's first line and its number in the file
 
 
 def test_subtask_from_record_or_manifest(tmp_path):
@@ -143,7 +143,7 @@ def test_skip_mode_drops_bad_records_and_logs_counts_per_reason(tmp_path, caplog
     dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
     with caplog.at_level(logging.WARNING):
         records = dm.validated_records()
-    assert [r.origin for r in records] == [f"{tmp_path / 'm.jsonl'}:1"]
+    assert [r.origin for r in records] == [f"{tmp_path / 'm.jsonl'}:1: record 1"]
     assert "skipped 3 bad record(s): missing file: 2, unknown task: 1" in caplog.text
 
 
@@ -153,7 +153,48 @@ def test_empty_manifest_and_malformed_json_list_are_reported(tmp_path):
     assert [str(p) for p in problems] == [f"{tmp_path / 'empty.json'}:1: manifest holds no records"]
     (tmp_path / "bad.json").write_text('[\n {"image": "a"},\n {"image": \n]')
     _, problems = read_manifest(tmp_path / "bad.json", task="edit")
-    assert str(problems[0]).startswith(f"{tmp_path / 'bad.json'}:4: malformed JSON")
+    assert str(problems[0]).startswith(f"{tmp_path / 'bad.json'}:4: malformed JSON list")
+
+
+def _dm(manifest, mode):
+    dm = MIGEDataModule([{"path": str(manifest)}], on_bad_record=mode)
+    dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
+    return dm
+
+
+def test_a_minified_manifest_loses_exactly_its_bad_record(tmp_path, caplog):
+    """Seven records on one line, the fourth with a missing image: skip mode keeps the other six
+    and counts one; error mode reports that one record, by record number."""
+    _img(tmp_path / "t.png")
+    _img(tmp_path / "r.png")
+    recs = [GOOD] * 3 + [{**GOOD, "image": "missing.png"}] + [GOOD] * 3
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(recs, separators=(",", ":")))  # one line
+    with caplog.at_level(logging.WARNING):
+        kept = _dm(manifest, "skip").validated_records()
+    assert [r.origin for r in kept] == [f"{manifest}:1: record {n}" for n in (1, 2, 3, 5, 6, 7)]
+    assert "skipped 1 bad record(s): missing file: 1" in caplog.text
+    with pytest.raises(ManifestError) as err:
+        _dm(manifest, "error").validated_records()
+    report = str(err.value).splitlines()
+    assert report[0].startswith("1 bad record(s)")
+    assert report[1:] == [f"{manifest}:1: record 4: missing file {tmp_path / 'missing.png'}"]
+
+
+def test_a_malformed_json_list_stops_the_run_in_skip_mode_too(tmp_path):
+    """Its records cannot be told apart: dropping the file as '1 bad record' would lose them all."""
+    _img(tmp_path / "t.png")
+    _img(tmp_path / "r.png")
+    good, broken = tmp_path / "good.json", tmp_path / "broken.json"
+    good.write_text(json.dumps([GOOD]))
+    broken.write_text(json.dumps([GOOD, GOOD])[:-3])
+    dm = MIGEDataModule([{"path": str(good)}, {"path": str(broken)}], on_bad_record="skip")
+    dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
+    with pytest.raises(
+        ManifestError, match=r"cannot be read \(skip mode drops bad records, not whole files\)"
+    ) as err:
+        dm.validated_records()
+    assert f"{broken}:1: malformed JSON list" in str(err.value)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16"])
