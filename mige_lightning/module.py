@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import get_constant_schedule_with_warmup
 
 from mige_lightning.checkpoint_state import (
@@ -60,6 +61,9 @@ class MIGELightningModule(L.LightningModule):
         clip_model: ViT-B-32-quickgelu, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
         backbone left out disables its metrics (logged), L1 / L2 always run.
     eval_num_inference_steps: override the per-task default number of sampling steps in ``test``.
+    max_nonfinite_steps: a step whose loss or gradients are not finite (on any rank) is skipped on
+        every rank — no optimiser update, so weights and EMA stay finite — and counted
+        (``train/skipped_nonfinite``); this many in a row stop the run with an error.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class MIGELightningModule(L.LightningModule):
         predict_seed: int = 0,
         eval_metrics: dict[str, str | None] | None = None,
         eval_num_inference_steps: int | None = None,
+        max_nonfinite_steps: int = 3,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +108,10 @@ class MIGELightningModule(L.LightningModule):
         self.model: MIGE | None = None
         self._ema_weights: dict[str, torch.Tensor] | None = None
         self._resume_rng: dict | None = None  # this rank's RNG states, set at the first step after a resume
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self._nonfinite_run = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self._skip_reason: str | None = None  # this step's loss was not finite (on some rank)
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -188,18 +197,17 @@ class MIGELightningModule(L.LightningModule):
         output = self.model(x_t, t, cond=cond, cond_mask=cond_mask, cond_input=cond_input)
         losses = self.diffusion.training_losses(output, x_start=x_start, x_t=x_t, t=t, noise=noise)
         loss = losses["loss"].mean()
-        # a non-finite loss stops the run on every rank (one rank alone would hang the others in
-        # the next collective) before the optimiser writes NaN into the weights and the EMA
+        # a non-finite loss on any rank: every rank skips the step together (one rank alone would
+        # hang the others in the next collective); no backward, no optimiser update
         if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
             per_task = {
                 task: losses["loss"][[i for i, n in enumerate(batch["task"]) if n == task]].tolist()
                 for task in sorted(set(batch["task"]))
             }
-            raise FloatingPointError(
-                f"training loss is not finite at step {self.global_step} (this rank: {loss.item()}; "
-                f"per-sample losses by task: {per_task}). Weights are unchanged by this step; a "
-                "diverging run usually needs a lower model.lr or a gradient clip (trainer.gradient_clip_val)"
-            )
+            self._skip_reason = f"loss (this rank: {loss.item()}; per-sample losses by task: {per_task})"
+            # Lightning refuses a None step when distributed: backward a finite stand-in through
+            # the same graph (its gradients are dropped in on_before_optimizer_step)
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
 
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mse", losses["mse"].mean(), batch_size=batch_size)
@@ -220,6 +228,39 @@ class MIGELightningModule(L.LightningModule):
                 batch_size=1,
             )
         return loss
+
+    def _skip_nonfinite(self, what: str) -> None:
+        self._nonfinite_run += 1
+        limit = self.hparams.max_nonfinite_steps
+        message = (
+            f"step {self.global_step}: non-finite {what}; step skipped, weights unchanged "
+            f"({self._nonfinite_run} in a row, the limit is {limit})"
+        )
+        if self._nonfinite_run >= limit:
+            raise FloatingPointError(
+                f"{message}. Stopping: a diverging run usually needs a lower model.lr or a gradient "
+                "clip (trainer.gradient_clip_val)"
+            )
+        log.warning(message)
+        self.log("train/skipped_nonfinite", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Non-finite gradients on any rank: drop every gradient on every rank, so AdamW leaves the
+        parameters (and their moments) untouched this step."""
+        bad = False
+        for p in self.trainable_parameters():
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                if not torch.isfinite(g).all():
+                    bad = True
+                    break
+        reason, self._skip_reason = self._skip_reason, None  # set by training_step (same on all ranks)
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False) or reason is not None:
+            for p in self.trainable_parameters():
+                p.grad = None
+            self._skip_nonfinite(reason or "gradients")
+        else:
+            self._nonfinite_run = 0
 
     def on_train_start(self) -> None:
         # Lightning seeds every rank alike: offset the global generator by rank so ranks draw

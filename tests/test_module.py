@@ -120,13 +120,31 @@ def test_ranks_draw_different_noise_after_the_same_seed():
     assert torch.equal(draws(2, 1), draws(2, 1))  # still deterministic per rank
 
 
-def test_a_diverging_run_stops_with_a_clear_error_and_no_nan_weights(tmp_path):
-    """lr = 1e3: the loss turns NaN within a few steps; training must stop there with an error
-    naming the step (not run on and exit 0 with NaN weights)."""
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_the_limit(tmp_path, caplog):
+    """A NaN loss or NaN gradients: the step is skipped (weights and EMA unchanged, no NaN ever
+    written), counted, and max_nonfinite_steps in a row stop the run with an error."""
+    import logging
+
+    from callbacks.ema import EMA
+
     torch.manual_seed(0)
-    module = MIGELightningModule("tiny", lr=1e3, warmup_steps=1)
+    module = MIGELightningModule("tiny", warmup_steps=1, max_nonfinite_steps=3)
     batch = make_batch(module.config, [1, 2, 0, 1])
-    loader = torch.utils.data.DataLoader([batch] * 40, batch_size=None)
+    steps, poison = [], {2: "loss", 3: "grad", 5: "loss", 6: "loss", 7: "grad"}
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad})
+            self.idx = batch_idx
+            if poison.get(batch_idx) == "loss":
+                batch["target"] = batch["target"] * float("nan")
+
+        def on_after_backward(self, trainer, pl_module):
+            if poison.get(self.idx) == "grad":
+                next(p for p in pl_module.parameters() if p.grad is not None).grad[0] = float("inf")
+
+    loader = torch.utils.data.DataLoader([dict(batch) for _ in range(20)], batch_size=None)
+    ema = EMA(decay=0.9)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -134,9 +152,20 @@ def test_a_diverging_run_stops_with_a_clear_error_and_no_nan_weights(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[Poison(), ema],
         default_root_dir=tmp_path,
     )
-    with pytest.raises(FloatingPointError, match=r"training loss is not finite at step \d+"):
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(FloatingPointError, match=r"3 in a row, the limit is 3"),
+    ):
         trainer.fit(module, train_dataloaders=loader)
-    assert trainer.global_step < 40
-    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert len(steps) == 8  # batches 0..7 started; the run stopped at the third bad step in a row
+    after = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    for i in (2, 3):  # skipped: the weights entering the next batch are the ones it started with
+        assert all(torch.equal(steps[i][n], steps[i + 1][n]) for n in after), i
+    assert not all(torch.equal(steps[4][n], steps[5][n]) for n in after)  # batch 4 trained
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert all(torch.isfinite(t).all() for t in ema.shadow.values())
+    assert "non-finite loss" in caplog.text and "non-finite gradients" in caplog.text
+    assert "(2 in a row, the limit is 3)" in caplog.text
