@@ -276,6 +276,17 @@ class MIGEDataModule(L.LightningDataModule):
         if not self.predict_requests:
             raise ValueError("data.predict_requests: give the JSONL request file to predict from")
         requests, problems = read_requests(self.predict_requests)
+        if self.max_images is not None:  # more references than the model takes: that request only
+            too_many = [r for r in requests if len(r.images) > self.max_images]
+            problems += [
+                Problem(
+                    r.origin,
+                    "too many references",
+                    f"{len(r.images)} images; the model allows {self.max_images}",
+                )
+                for r in too_many
+            ]
+            requests = [r for r in requests if len(r.images) <= self.max_images]
         for p in problems:
             log.error("skipping request %s", p)
         if problems:

@@ -61,8 +61,28 @@ class Record:
 
 def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """(line, object) pairs from a JSON list or a JSONL file, plus the lines that failed to parse."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
+    lines = read_lines(path)
+    first = next((t.lstrip() for _, t, _ in lines if t and t.strip()), "")
+    undecodable = [(n, e) for n, _, e in lines if e]
+    if first.startswith("[") and undecodable:
+        lineno, err = undecodable[0]
+        return [], [Problem(f"{path}:{lineno}", "malformed manifest", f"JSON list with {err}; fix the file")]
+    text = "\n".join(t or "" for _, t, _ in lines)
+    if first.startswith("{") and not undecodable and sum(bool(t and t.strip()) for _, t, _ in lines) > 1:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON Lines: each line is parsed (and reported) on its own below
+        if isinstance(whole, dict):
+            return [], [
+                Problem(
+                    f"{path}:1",
+                    "malformed manifest",
+                    "the file is one JSON object spread over several lines; expected a JSON list of "
+                    "records ([{...}, ...]) or one record per line (JSON Lines)",
+                )
+            ]
+    if first.startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
@@ -84,7 +104,10 @@ def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
             _, pos = decoder.raw_decode(text, pos)
         return list(zip(lines, items, strict=True)), []
     out, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line, err in lines:
+        if err is not None:
+            problems.append(Problem(f"{path}:{lineno}", "not UTF-8", err))
+            continue
         if not line.strip():
             continue
         try:
@@ -94,10 +117,38 @@ def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     return out, problems
 
 
-def _as_list(value: Any) -> list[str]:
+def _as_list(value: Any, name: str) -> list[str]:
+    """A path field: one non-empty string, or a list of them (``None`` / ``""`` / ``[]``: none)."""
     if value is None or value == "":
         return []
-    return [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        raise TypeError(
+            f"'{name}' must be a path or a list of paths (strings), got {type(value).__name__} {value!r}"[
+                :300
+            ]
+        )
+    return list(items)
+
+
+def read_lines(path: Path) -> list[tuple[int, str | None, str | None]]:
+    """(line number, text, error) per line, decoded as UTF-8 one line at a time (a byte-order
+    mark is dropped), so one bad byte costs one line, named, not the whole file."""
+    out = []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            out.append((lineno, raw.decode("utf-8").rstrip("\r"), None))
+        except UnicodeDecodeError as e:
+            out.append(
+                (
+                    lineno,
+                    None,
+                    f"not UTF-8 text (byte {e.start + 1} of the line: {raw[e.start : e.start + 1]!r})",
+                )
+            )
+    return out
 
 
 def parse_record(
@@ -113,6 +164,15 @@ def parse_record(
     for name in ("image", "multi_prompt"):
         if not obj.get(name):
             raise bad("missing field", f"missing field '{name}'")
+        if not isinstance(obj[name], str):
+            raise bad(
+                "wrong type", f"'{name}' must be a string, got {type(obj[name]).__name__} {obj[name]!r}"[:300]
+            )
+    for name in ("task", "subtask"):
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise bad(
+                "wrong type", f"'{name}' must be a string, got {type(obj[name]).__name__} {obj[name]!r}"
+            )
     task_value = obj.get("task", task)
     if task_value is None:
         raise bad("unknown task", "no 'task' field and no task given for this manifest in the data config")
@@ -126,13 +186,16 @@ def parse_record(
             "unknown subtask",
             f"unknown subtask {sub!r} for task '{parsed_task.value}'; expected one of {SUBTASKS.get(parsed_task, ())}",
         )
-    refs = tuple(base / p for p in _as_list(obj.get("entity_path")))
-    sources = _as_list(obj.get("source_path"))
+    try:
+        refs = tuple(base / p for p in _as_list(obj.get("entity_path"), "entity_path"))
+        sources = _as_list(obj.get("source_path"), "source_path")
+    except TypeError as e:
+        raise bad("wrong type", str(e)) from None
     if len(sources) > 1:
         raise bad("too many sources", f"'source_path' holds {len(sources)} images; at most one is allowed")
     if parsed_task.uses_source and not sources:
         raise bad("missing source", f"task '{parsed_task.value}' needs a 'source_path'")
-    instruction = str(obj["multi_prompt"])
+    instruction = obj["multi_prompt"]
     n_placeholders = count_placeholders(instruction)
     if n_placeholders != len(refs):
         raise bad(

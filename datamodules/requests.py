@@ -19,16 +19,31 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from datamodules.images import load_rgb
-from datamodules.records import Problem
+from datamodules.records import Problem, read_lines
 from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
 
 log = logging.getLogger(__name__)
+# optional per-request numbers: (JSON type, lowest, highest); no coercion from other JSON types
 OPTIONAL_NUMBERS = {
-    "seed": int,
-    "guidance_scale": float,
-    "image_guidance_scale": float,
-    "num_inference_steps": int,
+    "seed": (int, 0, 2**63 - 1),
+    "guidance_scale": (float, 0.0, 100.0),
+    "image_guidance_scale": (float, 0.0, 100.0),
+    "num_inference_steps": (int, 1, 1000),  # at most the training schedule's 1000 timesteps
 }
+
+
+def _number(obj: dict, name: str) -> tuple[Any, str | None]:
+    kind, low, high = OPTIONAL_NUMBERS[name]
+    value = obj[name]
+    ok_types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types):
+        return (
+            None,
+            f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {type(value).__name__} {value!r}",
+        )
+    if not (low <= value <= high):  # NaN fails this too
+        return None, f"'{name}' must be in [{low}, {high}], got {value!r}"
+    return kind(value), None
 
 
 # an id names its output file <output_dir>/<id>.png: a plain file name, nothing that leaves the folder
@@ -68,6 +83,15 @@ def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
         return {}, f"expected a JSON object, got {type(obj).__name__}"
     if not obj.get("instruction"):
         return {}, "missing field 'instruction'"
+    if not isinstance(obj["instruction"], str):
+        return {}, f"'instruction' must be a string, got {type(obj['instruction']).__name__}"
+    if obj.get("task") is not None and not isinstance(obj["task"], str):
+        return {}, f"'task' must be a string, got {type(obj['task']).__name__} {obj['task']!r}"
+    images = obj.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        return {}, f"'images' must be a list of paths (strings), got {obj.get('images')!r}"[:300]
+    if obj.get("source") is not None and not (isinstance(obj["source"], str) and obj["source"]):
+        return {}, f"'source' must be a path (string), got {obj['source']!r}"[:300]
     try:
         task = Task.parse(obj.get("task"))
     except ValueError as e:
@@ -89,14 +113,16 @@ def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
         except Exception as e:  # noqa: BLE001 — reported with the line, never swallowed
             return {}, f"unreadable image {path}: {type(e).__name__}: {e}"
     options = {}
-    for name, kind in OPTIONAL_NUMBERS.items():
+    for name in OPTIONAL_NUMBERS:
         if obj.get(name) is not None:
-            try:
-                options[name] = kind(obj[name])
-            except (TypeError, ValueError):
-                return {}, f"'{name}' must be a number, got {obj[name]!r}"
+            value, error = _number(obj, name)
+            if error is not None:
+                return {}, error
+            options[name] = value
     if "resize_to_source" in obj:
-        options["resize_to_source"] = bool(obj["resize_to_source"])
+        if not isinstance(obj["resize_to_source"], bool):
+            return {}, f"'resize_to_source' must be true or false, got {obj['resize_to_source']!r}"
+        options["resize_to_source"] = obj["resize_to_source"]
     fields = dict(
         task=task,
         instruction=obj["instruction"],
@@ -112,10 +138,13 @@ def read_requests(path: str | Path) -> tuple[list[Request], list[Problem]]:
     if not path.is_file():
         return [], [Problem(f"{path}:0", "missing file", "request file does not exist")]
     requests, problems, ids = [], [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line, undecodable in read_lines(path):
+        origin = f"{path}:{lineno}"
+        if undecodable is not None:
+            problems.append(Problem(origin, "not UTF-8", undecodable))
+            continue
         if not line.strip():
             continue
-        origin = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:

@@ -100,6 +100,12 @@ def _bad_cases(tmp_path):
             "5 reference images; the model allows 4",
         ),
         (None, "malformed JSON line"),
+        ({**GOOD, "entity_path": 7}, "'entity_path' must be a path or a list of paths (strings), got int 7"),
+        ({**GOOD, "entity_path": ["r.png", 3]}, "'entity_path' must be a path or a list of paths"),
+        ({**GOOD, "source_path": {"a": 1}}, "'source_path' must be a path or a list of paths"),
+        ({**GOOD, "image": ["t.png"]}, "'image' must be a string, got list"),
+        ({**GOOD, "multi_prompt": 5}, "'multi_prompt' must be a string, got int 5"),
+        ({**GOOD, "task": 1}, "'task' must be a string, got int 1"),
         (
             # 95 words before the placeholder: the 88-word limit would cut it, and training
             # would then fail on "0 placeholder(s) but 1 image(s)" mid-run
@@ -231,3 +237,30 @@ def test_every_image_mode_converts_correctly_to_rgb(tmp_path, mode):
         assert loaded.mode == "RGB"
         for xy, rgb in expected.items():
             assert loaded.getpixel(xy) == rgb, (mode, xy, loaded.getpixel(xy))
+
+
+def test_undecodable_bytes_bom_and_a_lone_object_are_named(tmp_path):
+    _img(tmp_path / "t.png")
+    _img(tmp_path / "r.png")
+    jsonl = tmp_path / "m.jsonl"
+    lines = [
+        json.dumps(GOOD).encode(),
+        b'{"image": "t.png", "multi_prompt": "caf\xe9 <imagehere>"}',
+        json.dumps(GOOD).encode(),
+    ]
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # BOM + one Latin-1 byte on line 2
+    records, problems = read_manifest(jsonl, task="subject")
+    assert [r.origin for r in records] == [f"{jsonl}:1: record 1", f"{jsonl}:3: record 2"]
+    assert [str(p) for p in problems] == [f"{jsonl}:2: not UTF-8 text (byte 40 of the line: b'\\xe9')"]
+    listed = tmp_path / "l.json"
+    listed.write_bytes(b"[\n" + lines[1] + b"\n]")
+    _, problems = read_manifest(listed, task="subject")
+    assert problems[0].kind == "malformed manifest" and str(problems[0]).startswith(
+        f"{listed}:2: JSON list with not UTF-8"
+    )
+    lone = tmp_path / "o.json"
+    lone.write_text(json.dumps(GOOD, indent=2))
+    _, problems = read_manifest(lone, task="subject")
+    assert problems[0].kind == "malformed manifest" and "one JSON object spread over several lines" in str(
+        problems[0]
+    )
