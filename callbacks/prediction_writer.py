@@ -2,7 +2,8 @@
 
 Logged keys: none. Files: ``<output_dir>/<id>.png`` and ``<output_dir>/predictions.jsonl`` (one
 line per image: id, task, instruction, inputs, file, seed, steps, scales, scheduler, prompt);
-with several ranks each writes ``predictions.rank<r>.jsonl``.
+with several ranks each writes ``predictions.rank<r>.jsonl``. A folder that already holds an
+earlier run's results is refused unless ``overwrite`` is set: a re-run never destroys them silently.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 class PredictionWriter(BasePredictionWriter):
-    def __init__(self, output_dir: str = "predictions"):
+    def __init__(self, output_dir: str = "predictions", overwrite: bool = False):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
 
     def _log_path(self, trainer) -> Path:
         name = (
@@ -25,6 +27,16 @@ class PredictionWriter(BasePredictionWriter):
         return self.output_dir / name
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        earlier = sorted(self.output_dir.glob("predictions*.jsonl")) if self.output_dir.is_dir() else []
+        if earlier and not self.overwrite:
+            # decided alike on every rank (same folder), before any rank writes
+            raise FileExistsError(
+                f"{self.output_dir} holds an earlier predict run ({', '.join(p.name for p in earlier)}, "
+                f"{len(list(self.output_dir.glob('*.png')))} image(s)); choose another output_dir or set "
+                "overwrite: true on the PredictionWriter (--trainer.callbacks.init_args.overwrite=true)"
+            )
+        if trainer.world_size > 1:
+            trainer.strategy.barrier()  # every rank has looked before rank 0's log file appears
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._log_path(trainer).write_text("")  # one file per run
 

@@ -111,3 +111,24 @@ def test_more_references_than_the_model_takes_skip_that_request_only(tmp_path, c
         loader = dm.predict_dataloader()
     assert [r.id for r in loader.dataset.requests] == ["ok"]
     assert f"{path}:2: 3 images; the model allows 2" in caplog.text
+
+
+def test_a_rerun_never_empties_an_earlier_predict_log_silently(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from callbacks.prediction_writer import PredictionWriter
+
+    trainer = SimpleNamespace(world_size=1, global_rank=0)
+    out = tmp_path / "out"
+    PredictionWriter(str(out)).on_predict_start(trainer, None)
+    (out / "predictions.jsonl").write_text('{"id": "a"}\n')
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(out / "a.png")
+    with pytest.raises(
+        FileExistsError, match=r"holds an earlier predict run \(predictions.jsonl, 1 image\(s\)\)"
+    ):
+        PredictionWriter(str(out)).on_predict_start(trainer, None)
+    assert (out / "predictions.jsonl").read_text() == '{"id": "a"}\n'
+    PredictionWriter(str(out), overwrite=True).on_predict_start(trainer, None)
+    assert (out / "predictions.jsonl").read_text() == ""
