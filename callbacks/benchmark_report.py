@@ -73,8 +73,14 @@ class BenchmarkReport(L.Callback):
             writer.writeheader()
             writer.writerows(rows)
         results = pl_module.test_results
+        settings = {k: pl_module.hparams.get(k) for k in pl_module.RUNTIME_OPTIONS}
+        settings["ema"] = getattr(pl_module, "_sampling_with_ema", None)  # EMA weights really used
         (self.output_dir / "results.json").write_text(
-            json.dumps({"benchmark": name, "samples": len(rows), **results}, indent=2)
+            json.dumps(
+                {"benchmark": name, "samples": len(rows), "settings": settings, **results},
+                indent=2,
+                default=str,
+            )
         )
         columns = PAPER_COLUMNS.get(name) or list(results["MIGE"])
         lines = [

@@ -11,6 +11,8 @@ checkpoint there when no ``--ckpt_path`` is given, and adds the ``SLURMRequeue``
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 import warnings
 
@@ -41,7 +43,35 @@ TRAINER_DEFAULTS = {
 }
 
 
+# sampling / evaluation settings (MIGELightningModule.RUNTIME_OPTIONS): a value given on the
+# command line or in a config file wins over the one saved in a --ckpt_path checkpoint
+# (LightningCLI alone would replace it with the saved one)
+RUNTIME_OPTIONS = MIGELightningModule.RUNTIME_OPTIONS
+
+
+def _plain(value):
+    """Namespaces / tuples → plain dicts / lists, so a config value compares with a default."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
 class MIGECLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        if not sub or not self.config[sub].get("ckpt_path"):
+            return super()._parse_ckpt_path()
+        defaults = {
+            name: p.default for name, p in inspect.signature(MIGELightningModule.__init__).parameters.items()
+        }
+        model = self.config[sub]["model"]
+        given = {
+            k: model[k] for k in RUNTIME_OPTIONS if k in model and _plain(model[k]) != _plain(defaults[k])
+        }
+        super()._parse_ckpt_path()  # the checkpoint's hyper-parameters: its architecture and recipe
+        for key, value in given.items():
+            self.config[sub]["model"][key] = value
+
     def add_arguments_to_parser(self, parser) -> None:
         # parser defaults (not Trainer defaults): a config's own logger / callbacks replace them
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})

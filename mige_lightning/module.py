@@ -66,6 +66,17 @@ class MIGELightningModule(L.LightningModule):
         (``train/skipped_nonfinite``); this many in a row stop the run with an error.
     """
 
+    # how to sample and score, not what was trained: given on the command line, they win over a
+    # checkpoint's saved values (mige_lightning/cli.py), and test / predict record them
+    RUNTIME_OPTIONS = (
+        "sampler",
+        "predict_seed",
+        "task_defaults",
+        "sample_with_ema",
+        "eval_metrics",
+        "eval_num_inference_steps",
+    )
+
     def __init__(
         self,
         preset: str = "tiny",

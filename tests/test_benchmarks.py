@@ -246,6 +246,9 @@ def test_benchmark_runs_through_test_and_writes_the_table(tmp_path, monkeypatch,
     )
     results = json.loads((out / "results.json").read_text())
     assert results["samples"] == EXPECTED_ITEMS[name]
+    # the sampling / scoring settings actually used are recorded beside the numbers
+    assert {"sampler", "task_defaults", "eval_metrics", "ema"} <= set(results["settings"])
+    assert results["settings"]["eval_metrics"]["clip_pretrained"]
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
     assert (
         len(rows) == EXPECTED_ITEMS[name]

@@ -243,3 +243,60 @@ def test_pools_without_a_weight_fail_before_the_model_is_built(tmp_path, monkeyp
     with pytest.raises(ManifestError, match=r"no weight for pool\(s\) \['subject_edit'\]"):
         _fit(args, tmp_path, monkeypatch)
     assert built == []
+
+
+def test_command_line_sampling_options_win_over_the_checkpoints(tmp_path, monkeypatch):
+    """With --ckpt_path, LightningCLI restores the checkpoint's hyper-parameters; the sampling
+    options given on the command line must still be the ones used (and recorded)."""
+    import lightning as L
+    import torch
+    from PIL import Image
+
+    from mige_lightning.module import MIGELightningModule
+    from tests.conftest import make_batch
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    module = MIGELightningModule("tiny", sampler="dpm++", predict_seed=0, warmup_steps=1)
+    batch = make_batch(module.config, [1])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "ref.png")
+    (tmp_path / "req.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "a",
+                "task": "subject",
+                "instruction": "a <imagehere>",
+                "images": ["ref.png"],
+                "num_inference_steps": 2,
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "out"
+    main(
+        [
+            "predict",
+            "--model.sampler=ddim",
+            "--model.predict_seed=100",
+            f"--data.predict_requests={tmp_path}/req.jsonl",
+            "--trainer.logger=false",
+            "--trainer.accelerator=cpu",
+            "--trainer.callbacks+=callbacks.prediction_writer.PredictionWriter",
+            f"--trainer.callbacks.output_dir={out}",
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
+    entry = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    assert entry["scheduler"] == "DDIMScheduler" and entry["seed"] == 100
