@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -43,6 +45,17 @@ class LatentCache:
         self.vit_rows: dict[str, int] = index["vit"]
         self.moments = np.load(self.directory / "moments.npy", mmap_mode="r")  # [N, 2, C, h, w] float16
         self.vit = np.load(self.directory / "vit.npy", mmap_mode="r")  # [R, Hv, Wv, 3] uint8
+        counts = {
+            "images": (self.meta.get("images"), len(self.latent_rows), self.moments.shape[0]),
+            "references": (self.meta.get("references"), len(self.vit_rows), self.vit.shape[0]),
+        }
+        for what, (meta_n, index_n, rows) in counts.items():
+            if not meta_n == index_n == rows:
+                raise StaleCacheError(
+                    f"latent cache {self.directory} is incomplete: meta.json says {meta_n} {what}, "
+                    f"index.json {index_n}, the array {rows} rows; rebuild it with "
+                    "`python -m mige_lightning cache-latents`"
+                )
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -107,8 +120,49 @@ def build_cache(
     """Encode every image of ``records`` once; returns the cache directory."""
     records = list(records)
     key = cache_key(vae_identity=vae_identity, resolution=resolution, vision_resolution=vision_resolution)
-    directory = Path(root) / key
-    directory.mkdir(parents=True, exist_ok=True)
+    final = Path(root) / key
+    # built in a fresh folder and moved into place when complete: an interrupted (re)build never
+    # leaves a half-written cache where a complete one is expected, nor touches the old one
+    directory = final.with_name(f"{key}.building-{os.getpid()}")
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    try:
+        _write_cache(
+            directory,
+            records,
+            encode_moments=encode_moments,
+            vae_identity=vae_identity,
+            vae_transform=vae_transform,
+            vit_transform=vit_transform,
+            resolution=resolution,
+            vision_resolution=vision_resolution,
+            batch_size=batch_size,
+        )
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    old = final.with_name(f"{key}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)  # two renames: the old cache is only removed once the new one is in place
+    directory.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def _write_cache(
+    directory: Path,
+    records: list[Record],
+    *,
+    encode_moments,
+    vae_identity: str,
+    vae_transform: Callable,
+    vit_transform: Callable,
+    resolution: int,
+    vision_resolution: int,
+    batch_size: int,
+) -> None:
     images = sorted({str(p.resolve()) for r in records for p in r.images})
     refs = sorted({str(p.resolve()) for r in records for p in r.references})
     moments = None
@@ -156,7 +210,6 @@ def build_cache(
             }
         )
     )
-    return directory
 
 
 def missing_from_cache(cache: LatentCache, records: Iterable[Record]) -> list[str]:

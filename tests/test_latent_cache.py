@@ -100,3 +100,48 @@ def test_cache_latents_command_then_training_reads_the_cache(tmp_path, monkeypat
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert len(batches) == 2 and "target_latent" in batches[0] and "target" not in batches[0]
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_an_interrupted_rebuild_leaves_the_old_cache_whole_and_incomplete_caches_are_refused(setup, tmp_path):
+    """A rebuild killed halfway used to leave the old meta.json beside half-written arrays (806 of
+    838 rows zero, used silently). Now the old cache stays as it was, and a cache whose files
+    disagree is refused on opening."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    root, records, model, t, directory = setup
+    ae = model.autoencoder
+    copy = tmp_path / "latents" / directory.name
+    shutil.copytree(directory, copy)
+    before = np.array(LatentCache(copy).moments)
+    calls = []
+
+    def dies_halfway(pixels):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C, or the job's end
+        return ae.encode_moments(pixels)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(
+            records,
+            tmp_path / "latents",
+            encode_moments=dies_halfway,
+            vae_identity=ae.identity(),
+            vae_transform=t.vae,
+            vit_transform=t.vit_resize,
+            resolution=16,
+            vision_resolution=32,
+            batch_size=4,
+        )
+    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == [directory.name]  # no debris
+    after = LatentCache(copy)
+    assert np.array_equal(np.array(after.moments), before) and np.abs(before).sum(axis=(1, 2, 3, 4)).min() > 0
+
+    index = json.loads((copy / "index.json").read_text())
+    index["latents"].pop(next(iter(index["latents"])))
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StaleCacheError, match=r"is incomplete: meta.json says \d+ images, index.json \d+"):
+        LatentCache(copy)
