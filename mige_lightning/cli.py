@@ -15,6 +15,7 @@ import inspect
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
@@ -49,6 +50,26 @@ TRAINER_DEFAULTS = {
 RUNTIME_OPTIONS = MIGELightningModule.RUNTIME_OPTIONS
 
 
+def last_checkpoint_of_run(trainer_config) -> Path:
+    """The newest (highest step) ``last*.ckpt`` / ``hpc_ckpt_*`` of any version of the run the
+    trainer's logger names (``<save_dir>/<name>/*/``); an error saying where it looked if none."""
+    logger = trainer_config.get("logger")
+    args = logger.get("init_args") if hasattr(logger, "get") and logger.get("init_args") else None
+    if args is None:
+        raise FileNotFoundError(
+            "--ckpt_path last: the run has no logger directory to look in; give the checkpoint's path"
+        )
+    run = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    candidates = [*run.glob("*/checkpoints/last*.ckpt"), *run.glob("*/hpc_ckpt_*.ckpt")]
+    found = newest_checkpoint(candidates)
+    if found is None:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last*.ckpt or hpc_ckpt_*.ckpt in any version of {run} "
+            f"(looked in {run}/*/checkpoints/ and {run}/*/); give the checkpoint's path"
+        )
+    return found
+
+
 def _plain(value):
     """Namespaces / tuples → plain dicts / lists, so a config value compares with a default."""
     if hasattr(value, "as_dict"):
@@ -61,6 +82,9 @@ class MIGECLI(LightningCLI):
         sub = self.config.get("subcommand")
         if not sub or not self.config[sub].get("ckpt_path"):
             return super()._parse_ckpt_path()
+        if self.config[sub]["ckpt_path"] == "last":  # Lightning looks only in the new run's folder
+            self.config[sub]["ckpt_path"] = str(last_checkpoint_of_run(self.config[sub]["trainer"]))
+            rank_zero_info(f"--ckpt_path last: {self.config[sub]['ckpt_path']}")
         defaults = {
             name: p.default for name, p in inspect.signature(MIGELightningModule.__init__).parameters.items()
         }

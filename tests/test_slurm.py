@@ -20,6 +20,7 @@ from mige_lightning.slurm import newest_checkpoint, use_job_run_dir
 from tests.fsdp_probe import cli_env, fit_command, write_overlay
 from tests.test_sharding import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 JOB = "4242"
 FIT = {"accumulate_grad_batches": 2}  # the signal may come between micro-batches: act after the step
 
@@ -207,3 +208,34 @@ def test_sigusr1_checkpoints_requeues_and_the_next_start_resumes(tmp_path):
     events.Reload()
     logged = [s.step for s in events.Scalars("train/loss")]
     assert logged == list(range(step + 2))  # continuous, no step logged twice
+
+
+def test_ckpt_path_last_finds_the_newest_checkpoint_of_the_run_or_fails_clearly(tmp_path, monkeypatch):
+    """Lightning resolves 'last' only inside the new run's own (empty) folder, so `fit --ckpt_path
+    last` silently started from step 0. It now means the highest-step last*.ckpt / hpc_ckpt_* of
+    any version of the run the logger names."""
+    from mige_lightning.cli import last_checkpoint_of_run, main
+
+    monkeypatch.chdir(tmp_path)
+    trainer = {"logger": {"class_path": "x", "init_args": {"save_dir": "runs", "name": "demo"}}}
+    with pytest.raises(
+        FileNotFoundError, match=r"no last\*\.ckpt or hpc_ckpt_\*\.ckpt in any version of runs/demo"
+    ):
+        last_checkpoint_of_run(trainer)
+    _fake_checkpoint(tmp_path / "runs/demo/version_0/checkpoints/last.ckpt", 700, sharded=False)
+    newest = _fake_checkpoint(tmp_path / "runs/demo/version_1/checkpoints/last.ckpt", 900, sharded=False)
+    _fake_checkpoint(tmp_path / "runs/other/version_0/checkpoints/last.ckpt", 5000, sharded=False)
+    assert last_checkpoint_of_run(trainer) == Path("runs/demo/version_1/checkpoints/last.ckpt")
+    assert newest.is_file()
+    # through the CLI: no run folder → the error, before anything is built or trained
+    with pytest.raises(FileNotFoundError, match="--ckpt_path last"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs/demo.yaml"),
+                "--trainer.logger.init_args.name=none",
+                "--ckpt_path",
+                "last",
+            ]
+        )
