@@ -239,3 +239,32 @@ def test_ckpt_path_last_finds_the_newest_checkpoint_of_the_run_or_fails_clearly(
                 "last",
             ]
         )
+
+
+def test_submit_script_quotes_values_with_shell_characters(tmp_path):
+    """EXTRA_ARGS / PYTHON holding '&', '|', ';' or spaces used to break the sed template or run as
+    shell syntax in the job; now every value reaches `fit` as the literal word it was."""
+    env = {
+        **cli_env(),
+        "EXTRA_ARGS": "--data.root=/a&b --model.note=x|y;z",
+        "PYTHON": "/opt/my env/python",
+        "JOB_NAME": "a|b&c",
+    }
+    script = subprocess.run(
+        ["bash", str(REPO / "scripts/slurm/submit.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "#SBATCH --job-name=a|b&c" in script
+    # run the job script's srun line with srun replaced by printing its arguments, one per line
+    srun = script[script.index("srun ") :].replace("srun --kill-on-bad-exit=1", "printf '%s\\n'", 1)
+    slurm = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NTASKS": "2"}
+    args = subprocess.run(
+        ["bash", "-c", srun], env={**env, **slurm}, capture_output=True, text=True, check=True
+    )
+    words = args.stdout.splitlines()
+    assert words[0] == "/opt/my env/python"
+    assert words[-2:] == ["--data.root=/a&b", "--model.note=x|y;z"]
+    assert "--trainer.strategy.init_args.data_parallel_size=2" in words
