@@ -31,8 +31,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# larger images are refused before decoding (a 169-Mpx file took 3 GB to validate); a 512-px model
+# never needs more, and real datasets stay far below (8K UHD is 33 Mpx)
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLargeError(ValueError):
+    pass
+
+
+def check_image_size(img: Image.Image, path) -> None:
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"image {path} is {img.width}×{img.height} = {img.width * img.height / 1e6:.0f} Mpx; "
+            f"the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx (downscale it first)"
+        )
+
+
 def load_rgb(path) -> Image.Image:
     """Decode fully (so truncated files fail here, with the path) and convert to RGB."""
     with Image.open(path) as img:
+        check_image_size(img, path)  # from the header, before any pixel is decoded
         img.load()
         return to_rgb(img)

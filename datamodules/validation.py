@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from datamodules.images import load_rgb
+from datamodules.images import ImageTooLargeError, load_rgb
 from datamodules.records import ManifestError, Problem, Record
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ def _image_error(path: Path) -> tuple[str, str] | None:
         return "missing file", f"missing file {path}"
     try:
         load_rgb(path)
+    except ImageTooLargeError as e:
+        return "image too large", str(e)
     except Exception as e:  # noqa: BLE001 — any decoder failure is reported, with the file, never swallowed
         return "unreadable image", f"unreadable or truncated image {path}: {type(e).__name__}: {e}"
     return None
@@ -46,7 +48,18 @@ def check_records(
     """Split records into good ones and problems (paths, reference count, decodable images)."""
     records = list(records)
     problems: dict[str, Problem] = {}
+    first: dict[tuple, str] = {}
     for rec in records:
+        key = (rec.task, rec.subtask, rec.target.resolve(), rec.instruction, tuple(p.resolve() for p in rec.references),
+               rec.source.resolve() if rec.source else None)  # fmt: skip
+        if key in first:  # upsample with data.task_weights, not by repeating records
+            problems[rec.origin] = Problem(
+                rec.origin,
+                "duplicate record",
+                f"duplicate of {first[key]} (same target, instruction, images)",
+            )
+            continue
+        first[key] = rec.origin
         if max_images is not None and len(rec.references) > max_images:
             problems[rec.origin] = Problem(
                 rec.origin,
