@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ def train(setting: str, seed: int, runs: Path) -> tuple[Path, float]:
         "--trainer.logger.init_args.version=0",
         "--trainer.enable_progress_bar=false",
     ]
+    shutil.rmtree(runs / name, ignore_errors=True)  # this script's own earlier run of the setting
     start = time.perf_counter()
     subprocess.run(args, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return runs / name / "version_0" / "checkpoints" / "last.ckpt", time.perf_counter() - start

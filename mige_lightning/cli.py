@@ -50,6 +50,24 @@ TRAINER_DEFAULTS = {
 RUNTIME_OPTIONS = MIGELightningModule.RUNTIME_OPTIONS
 
 
+def refuse_taken_version(fit_config) -> None:
+    """A new ``fit`` (no ``--ckpt_path``) given an explicit logger version whose folder already
+    holds a run would mix its events and checkpoints into that run's: refuse it."""
+    logger = fit_config["trainer"].get("logger")
+    args = logger.get("init_args") if hasattr(logger, "get") and logger.get("init_args") else None
+    if args is None or args.get("version") is None or fit_config.get("ckpt_path"):
+        return
+    version = (
+        args.version if isinstance(args.version, str) else f"version_{args.version}"
+    )  # as TensorBoardLogger
+    folder = Path(args.get("save_dir") or ".") / (args.get("name") or "") / version
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FileExistsError(
+            f"{folder} already holds a run (logger version {args.version!r}): resume it with "
+            "--ckpt_path last, choose another version, or remove the folder"
+        )
+
+
 def last_checkpoint_of_run(trainer_config) -> Path:
     """The newest (highest step) ``last*.ckpt`` / ``hpc_ckpt_*`` of any version of the run the
     trainer's logger names (``<save_dir>/<name>/*/``); an error saying where it looked if none."""
@@ -102,7 +120,8 @@ class MIGECLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":  # under SLURM: runs/<name>/slurm_<job id>/, kept across requeues
-            use_job_run_dir(self.config["fit"]["trainer"])
+            if use_job_run_dir(self.config["fit"]["trainer"]) is None:
+                refuse_taken_version(self.config["fit"])
 
     def before_fit(self) -> None:
         if not SLURMEnvironment.detect():

@@ -41,7 +41,10 @@ def use_job_run_dir(trainer_config) -> str | None:
     args = logger.init_args
     if args.get("version") is None:
         args.version = version
-    run_dir = str(Path(args.save_dir) / (args.get("name") or "") / str(args.version))
+    folder = (
+        args.version if isinstance(args.version, str) else f"version_{args.version}"
+    )  # as TensorBoardLogger
+    run_dir = str(Path(args.save_dir) / (args.get("name") or "") / folder)
     if trainer_config.get("default_root_dir") is None:
         trainer_config.default_root_dir = run_dir
     return run_dir

@@ -268,3 +268,18 @@ def test_submit_script_quotes_values_with_shell_characters(tmp_path):
     assert words[0] == "/opt/my env/python"
     assert words[-2:] == ["--data.root=/a&b", "--model.note=x|y;z"]
     assert "--trainer.strategy.init_args.data_parallel_size=2" in words
+
+
+def test_a_new_run_into_a_taken_explicit_version_is_refused(tmp_path, monkeypatch):
+    from mige_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    taken = tmp_path / "runs/demo/version_3"
+    taken.mkdir(parents=True)
+    (taken / "events.out.tfevents.1").write_text("x")
+    args = ["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.logger.init_args.version=3"]
+    with pytest.raises(
+        FileExistsError, match=r"runs/demo/version_3 already holds a run \(logger version 3\)"
+    ):
+        main(args)
+    assert sorted(p.name for p in taken.iterdir()) == ["events.out.tfevents.1"]  # nothing written into it
