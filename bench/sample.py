@@ -6,7 +6,12 @@ Per task, one image with the task's default steps and scales (the authors': 50 s
 subject, 60 steps 3-way for edit / subject_edit), DPM-Solver++, batch_invariant mode, after a
 warm-up image. Guidance overhead: one 3-way guided step for B samples (``guided_epsilon``: the
 three branches as one forward at 3B plus the combination) against one plain model forward at
-batch 3B with the same inputs; target ≤ 1.1×.
+batch 3B with the same inputs; target ≤ 1.1×. Branch skipping: an edit image at the authors'
+scales (s_y 5, s_s 1: the unconditional branch has weight 0 and is not run) and at s_y = s_s = 1
+(the conditional branch alone) against the same call with s_s = 1 + 1e-6, which runs all three
+branches for the same result.
+
+    .venv/bin/python bench/sample.py --presets mid --only-branches     # the branch-skipping rows only
 """
 
 from __future__ import annotations
@@ -50,7 +55,25 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(preset: str, repeats: int, batch: int) -> None:
+def branches(pipe, res: int, repeats: int) -> None:
+    """Edit, 60 steps: guidance branches skipped (s_s = 1) vs all three run (s_s = 1 + 1e-6)."""
+    req = REQUESTS[Task.EDIT]
+    imgs, src = [image(0, res)], image(9, res)
+    rows = []
+    for s_y in (5.0, 1.0):
+        call = partial(pipe, req["instruction"], task=Task.EDIT, images=imgs, source=src, output_type="latent",
+                       num_inference_steps=60, guidance_scale=s_y)  # fmt: skip
+        skipped = timed(partial(call, image_guidance_scale=1.0), repeats)
+        full = timed(partial(call, image_guidance_scale=1.0 + 1e-6), repeats)
+        rows.append((s_y, skipped, full))
+    print("| edit, 60 steps | branches run | s / image | all 3 branches | speed-up |")
+    print("|---|---|---|---|---|")
+    for s_y, skipped, full in rows:
+        n = 2 if s_y != 1.0 else 1
+        print(f"| s_y {s_y:g}, s_s 1 | {n} | {skipped:.3f} | {full:.3f} | {full / skipped:.2f}× |")
+
+
+def bench(preset: str, repeats: int, batch: int, only_branches: bool = False) -> None:
     cfg = get_config(preset)
     torch.manual_seed(0)
     model = build_mige(cfg).eval()
@@ -59,6 +82,10 @@ def bench(preset: str, repeats: int, batch: int) -> None:
     )
     pipe.set_progress_bar_config(disable=True)
     res = cfg.resolution
+    if only_branches:
+        print(f"\n{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {res} px")
+        branches(pipe, res, repeats)
+        return
     per_task = {}
     for task, req in REQUESTS.items():
         imgs = [image(i, res) for i in range(req["images"])]
@@ -90,7 +117,7 @@ def bench(preset: str, repeats: int, batch: int) -> None:
                 cond_mask=mask,
                 cond_input=src,
                 guidance_scale=5.0,
-                image_guidance_scale=1.0,
+                image_guidance_scale=1.5,  # s_s = 1 would skip the unconditional branch
             ),
             repeats * 3,
         )
@@ -115,10 +142,11 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny", "mid"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--only-branches", action="store_true", help="only the guidance branch-skipping rows")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for preset in args.presets:
-        bench(preset, args.repeats, args.batch)
+        bench(preset, args.repeats, args.batch, args.only_branches)
 
 
 if __name__ == "__main__":
