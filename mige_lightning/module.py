@@ -210,7 +210,10 @@ class MIGELightningModule(L.LightningModule):
         loss = losses["loss"].mean()
         # a non-finite loss on any rank: every rank skips the step together (one rank alone would
         # hang the others in the next collective); no backward, no optimiser update
-        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
+        nonfinite = not torch.isfinite(loss).item()
+        if self._trainer is not None:  # also usable without a Trainer (benchmarks, tests)
+            nonfinite = self.trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
+        if nonfinite:
             per_task = {
                 task: losses["loss"][[i for i, n in enumerate(batch["task"]) if n == task]].tolist()
                 for task in sorted(set(batch["task"]))
