@@ -36,7 +36,7 @@ replicate-mutual: $(STAMP) ## joint vs single-task training on the synthetic wor
 	$(BIN)/python bench/replicate_mutual.py
 
 bench-curve: $(STAMP) ## the demo's held-out scene accuracy against wall time, 30 minutes
-	$(BIN)/python bench/learning_curve.py --minutes 30 --every 500
+	$(BIN)/python bench/learning_curve.py --minutes 30 --every 700
 
 bench-targets: $(STAMP) ## epsilon vs v vs x0 prediction (and min-SNR) on the demo at equal steps (~12 min)
 	$(BIN)/python bench/compare_targets.py --steps 400

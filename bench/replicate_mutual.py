@@ -83,7 +83,8 @@ def write_results(results: dict, baseline: dict, meta: dict, path: Path) -> str:
     start, end = "<!-- replicate-mutual:start -->", "<!-- replicate-mutual:end -->"
     block = (
         f"{start}\n_Written by `make replicate-mutual` on {meta['date']} ({meta['seeds']} seeds per setting, "
-        f"{meta['max_steps']} steps × batch {meta['batch_size']}, {meta['heldout']} held-out requests per task; "
+        f"{meta['max_steps']} steps × batch {meta['batch_size']}, held-out requests: "
+        f"{', '.join(f'{n} {t}' for t, n in meta['heldout'].items())}; "
         f"{meta['minutes']:.0f} min on this machine). Mean ± half-range over seeds._\n\n{table}\n{end}"
     )
     if start in text and end in text:
