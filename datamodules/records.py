@@ -96,13 +96,13 @@ def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
                 )
             ]
         # the line of each top-level element, so errors in a JSON list also point at a line
-        decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
+        decoder, starts, pos = json.JSONDecoder(), [], text.index("[") + 1
         for _ in items:
             while text[pos] in " \t\r\n,":
                 pos += 1
-            lines.append(text.count("\n", 0, pos) + 1)
+            starts.append(text.count("\n", 0, pos) + 1)
             _, pos = decoder.raw_decode(text, pos)
-        return list(zip(lines, items, strict=True)), []
+        return list(zip(starts, items, strict=True)), []
     out, problems = [], []
     for lineno, line, err in lines:
         if err is not None:

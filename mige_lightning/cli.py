@@ -24,7 +24,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from callbacks.slurm_requeue import SLURMRequeue
 from datamodules.datamodule import MIGEDataModule
 from mige_lightning.module import MIGELightningModule
-from mige_lightning.slurm import newest_checkpoint, resume_candidates, use_job_run_dir
+from mige_lightning.slurm import (
+    logger_init_args,
+    logger_run_root,
+    newest_checkpoint,
+    resume_candidates,
+    use_job_run_dir,
+    version_folder,
+)
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -53,14 +60,10 @@ RUNTIME_OPTIONS = MIGELightningModule.RUNTIME_OPTIONS
 def refuse_taken_version(fit_config) -> None:
     """A new ``fit`` (no ``--ckpt_path``) given an explicit logger version whose folder already
     holds a run would mix its events and checkpoints into that run's: refuse it."""
-    logger = fit_config["trainer"].get("logger")
-    args = logger.get("init_args") if hasattr(logger, "get") and logger.get("init_args") else None
+    args = logger_init_args(fit_config["trainer"])
     if args is None or args.get("version") is None or fit_config.get("ckpt_path"):
         return
-    version = (
-        args.version if isinstance(args.version, str) else f"version_{args.version}"
-    )  # as TensorBoardLogger
-    folder = Path(args.get("save_dir") or ".") / (args.get("name") or "") / version
+    folder = logger_run_root(args) / version_folder(args.version)
     if folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(
             f"{folder} already holds a run (logger version {args.version!r}): resume it with "
@@ -71,13 +74,12 @@ def refuse_taken_version(fit_config) -> None:
 def last_checkpoint_of_run(trainer_config) -> Path:
     """The newest (highest step) ``last*.ckpt`` / ``hpc_ckpt_*`` of any version of the run the
     trainer's logger names (``<save_dir>/<name>/*/``); an error saying where it looked if none."""
-    logger = trainer_config.get("logger")
-    args = logger.get("init_args") if hasattr(logger, "get") and logger.get("init_args") else None
+    args = logger_init_args(trainer_config)
     if args is None:
         raise FileNotFoundError(
             "--ckpt_path last: the run has no logger directory to look in; give the checkpoint's path"
         )
-    run = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    run = logger_run_root(args)
     candidates = [*run.glob("*/checkpoints/last*.ckpt"), *run.glob("*/hpc_ckpt_*.ckpt")]
     found = newest_checkpoint(candidates)
     if found is None:

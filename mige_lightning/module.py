@@ -261,13 +261,13 @@ class MIGELightningModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Non-finite gradients on any rank: drop every gradient on every rank, so AdamW leaves the
         parameters (and their moments) untouched this step."""
-        bad = False
-        for p in self.trainable_parameters():
-            if p.grad is not None:
-                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                if not torch.isfinite(g).all():
-                    bad = True
-                    break
+        grads = [
+            p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            for p in self.trainable_parameters()
+            if p.grad is not None
+        ]
+        # a NaN / inf anywhere makes its norm non-finite: one fused reduction, one host sync
+        bad = bool(grads) and not torch.stack(torch._foreach_norm(grads)).isfinite().all().item()
         reason, self._skip_reason = self._skip_reason, None  # set by training_step (same on all ranks)
         if self.trainer.strategy.reduce_boolean_decision(bad, all=False) or reason is not None:
             for p in self.trainable_parameters():

@@ -9,6 +9,7 @@ checkpoints: bump it whenever ``build_prompt`` changes its output.
 from __future__ import annotations
 
 import re
+import sys
 from enum import Enum
 
 PROMPT_VERSION = 1
@@ -78,7 +79,7 @@ def placeholders_cut(text: str, *, max_words: int = 88) -> str | None:
     )
     if kept == total:
         return None
-    words = len(_SPACES_RE.sub(" ", _BLIP_STRIP_RE.sub(" ", text.lower())).strip(" ").split(" "))
+    words = len(normalize_instruction(text, max_words=sys.maxsize).split(" "))
     return (
         f"the instruction has {words} words and the {max_words}-word limit cuts {total - kept} of its "
         f"{total} <imagehere> placeholder(s); shorten it or move the placeholders earlier"

@@ -29,6 +29,22 @@ def job_run_version() -> str | None:
     return f"slurm_{job}" if job else None
 
 
+def logger_init_args(trainer_config):
+    """The parsed logger's ``init_args`` (``None`` without a configured logger)."""
+    logger = trainer_config.get("logger")
+    return logger.get("init_args") if hasattr(logger, "get") and logger.get("init_args") else None
+
+
+def logger_run_root(args) -> Path:
+    """``<save_dir>/<name>``: the folder holding a run's versions."""
+    return Path(args.get("save_dir") or ".") / (args.get("name") or "")
+
+
+def version_folder(version) -> str:
+    """The folder name TensorBoardLogger gives a version: ``version_<n>`` for an int, else as is."""
+    return version if isinstance(version, str) else f"version_{version}"
+
+
 def use_job_run_dir(trainer_config) -> str | None:
     """Fix the TensorBoard logger's version and the Trainer's ``default_root_dir`` to the job's run
     directory (in the parsed ``trainer`` config, before instantiation); returns it, or None."""
@@ -41,10 +57,7 @@ def use_job_run_dir(trainer_config) -> str | None:
     args = logger.init_args
     if args.get("version") is None:
         args.version = version
-    folder = (
-        args.version if isinstance(args.version, str) else f"version_{args.version}"
-    )  # as TensorBoardLogger
-    run_dir = str(Path(args.save_dir) / (args.get("name") or "") / folder)
+    run_dir = str(logger_run_root(args) / version_folder(args.version))
     if trainer_config.get("default_root_dir") is None:
         trainer_config.default_root_dir = run_dir
     return run_dir

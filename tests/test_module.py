@@ -48,7 +48,7 @@ def test_checkpoint_round_trip_restores_weights_and_records_prompt_version(tmp_p
     trainer.fit(module, train_dataloaders=loader)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["mige"]["prompt_version"] == PROMPT_VERSION
     restored = MIGELightningModule.load_from_checkpoint(path)
     a, b = module.model.state_dict(), restored.model.state_dict()
