@@ -1,4 +1,4 @@
-"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export,judge-synthetic} …`` through LightningCLI.
+"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export,convert-authors,judge-synthetic} …``.
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
 a config says otherwise, every run logs to TensorBoard under ``runs/<name>/version_<n>/`` and
@@ -153,6 +153,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
         from mige_lightning.synthetic_report import main as judge_main
 
         return judge_main(argv[1:])
+    if argv[:1] == ["convert-authors"]:
+        # the authors' released model.pth → model.safetensors + the config that loads it
+        from mige_lightning.authors_checkpoint import main as convert_main
+
+        return convert_main(argv[1:])
     if argv[:1] == ["export"]:
         # a (sharded) checkpoint → one safetensors file + config, with fit's config for the model
         from mige_lightning.export import export_main

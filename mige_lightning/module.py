@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,8 +29,9 @@ from mige_lightning.evaluation import BenchmarkEvaluator
 from mige_lightning.metrics import DEFAULT_CLIP_MODEL
 from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
+from mige_lightning.models.weights import load_weights
 from mige_lightning.pipeline import MIGEPipeline, check_task_defaults, make_scheduler
-from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt
+from mige_lightning.prompt import PROMPT_STYLES, PROMPT_VERSION, Task, build_prompt
 from mige_lightning.sharding import enable_activation_checkpointing, shard_mige
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,12 @@ class MIGELightningModule(L.LightningModule):
         clip_model: ViT-B-32-quickgelu, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
         backbone left out disables its metrics (logged), L1 / L2 always run.
     eval_num_inference_steps: override the per-task default number of sampling steps in ``test``.
+    prompt_style: ``training`` (default: the text every model here is trained on) or
+        ``authors_inference`` (the strings the authors' inference scripts use; for a checkpoint
+        converted with ``convert-authors``).
+    init_weights: start from these weights (``model.safetensors`` or its folder, e.g. written by
+        ``convert-authors`` or ``export``) instead of the pretrained sources; the autoencoder may be
+        absent from the file (it comes from ``pretrained.vae``). A ``--ckpt_path`` still wins.
     max_nonfinite_steps: a step whose loss or gradients are not finite (on any rank) is skipped on
         every rank — no optimiser update, so weights and EMA stay finite — and counted
         (``train/skipped_nonfinite``); this many in a row stop the run with an error.
@@ -75,6 +83,7 @@ class MIGELightningModule(L.LightningModule):
         "sample_with_ema",
         "eval_metrics",
         "eval_num_inference_steps",
+        "prompt_style",
     )
 
     def __init__(
@@ -104,12 +113,18 @@ class MIGELightningModule(L.LightningModule):
         eval_metrics: dict[str, str | None] | None = None,
         eval_num_inference_steps: int | None = None,
         max_nonfinite_steps: int = 3,
+        prompt_style: str = "training",
+        init_weights: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         # validated here, at start-up: unknown preset / key, missing local path → clear error
         self.config = get_config(preset, overrides, pretrained)
         check_task_defaults(task_defaults)
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"model.prompt_style: {prompt_style!r}; choose one of {PROMPT_STYLES}")
+        if init_weights is not None and not Path(init_weights).expanduser().exists():
+            raise FileNotFoundError(f"model.init_weights: '{init_weights}' does not exist")
         self.diffusion = GaussianDiffusion(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
@@ -129,6 +144,8 @@ class MIGELightningModule(L.LightningModule):
         """Build the networks (pretrained loads happen here, on the target device / under sharding)."""
         if self.model is None:
             self.model = build_mige(self.config)
+            if self.hparams.init_weights:  # before sharding: every rank loads the full tensors
+                load_weights(self.model, self.hparams.init_weights)
             if self.hparams.gradient_checkpointing:
                 enable_activation_checkpointing(self.model)
             if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (mige_lightning/sharding.py)
@@ -344,6 +361,7 @@ class MIGELightningModule(L.LightningModule):
                 ),  # pixel-space data is in [-1, 1]
             ),
             task_defaults=self.hparams.task_defaults,
+            prompt_style=self.hparams.prompt_style,
         )
 
     def use_ema_weights(self) -> bool:

@@ -31,7 +31,14 @@ from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder
 from mige_lightning.models.encoder import MultimodalEncoder
 from mige_lightning.models.mige import MIGE
-from mige_lightning.prompt import PROMPT_VERSION, Task, build_prompt, count_placeholders, placeholders_cut
+from mige_lightning.prompt import (
+    PROMPT_STYLES,
+    PROMPT_VERSION,
+    Task,
+    build_prompt,
+    count_placeholders,
+    placeholders_cut,
+)
 from mige_lightning.transforms import Transforms
 
 # the authors' defaults: steps, instruction scale s_y, input scale s_s
@@ -138,8 +145,11 @@ class MIGEPipeline(DiffusionPipeline):
         max_length: int = 256,
         prompt_version: int = PROMPT_VERSION,
         task_defaults: dict[str, dict] | None = None,
+        prompt_style: str = "training",
     ):
         super().__init__()
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style: {prompt_style!r}; choose one of {PROMPT_STYLES}")
         if prompt_version != PROMPT_VERSION:
             raise ValueError(
                 f"pipeline was saved with prompt version {prompt_version}; this code builds {PROMPT_VERSION}"
@@ -161,13 +171,22 @@ class MIGEPipeline(DiffusionPipeline):
             max_length=max_length,
             prompt_version=prompt_version,
             task_defaults=check_task_defaults(task_defaults),
+            prompt_style=prompt_style,
         )
         self._mige: MIGE | None = None
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @classmethod
     def from_mige(
-        cls, model: MIGE, *, resolution: int, vision_mean, vision_std, scheduler=None, task_defaults=None
+        cls,
+        model: MIGE,
+        *,
+        resolution: int,
+        vision_mean,
+        vision_std,
+        scheduler=None,
+        task_defaults=None,
+        prompt_style: str = "training",
     ) -> MIGEPipeline:
         enc = model.encoder
         vae = model.autoencoder.vae if isinstance(model.autoencoder, KLAutoencoder) else None
@@ -185,6 +204,7 @@ class MIGEPipeline(DiffusionPipeline):
             vision_std=vision_std,
             max_length=enc.max_length,
             task_defaults=task_defaults,
+            prompt_style=prompt_style,
         )
         pipe._mige = model
         return pipe
@@ -251,13 +271,14 @@ class MIGEPipeline(DiffusionPipeline):
         if image_guidance_scale is None and guidance_scale == 1.0:
             out = self.model(latents, t, cond=cond, cond_mask=cond_mask, cond_input=cond_input)
             return out[:, :c]  # e(∅) + 1·(e(c) − e(∅)) = e(c): the conditional branch alone
-        null = self.model.null_condition.to(cond.dtype)
-        length = max(cond.shape[1], null.shape[0])
+        null, null_mask = self.model.null_rows_like(cond_mask)  # [B, L, D], [B, L]
+        length = max(cond.shape[1], null.shape[1])
         k = 2 if image_guidance_scale is None else 3
         conds = cond.new_zeros(k * b, length, cond.shape[2])
         masks = cond_mask.new_zeros(k * b, length)
         conds[:b, : cond.shape[1]], masks[:b, : cond.shape[1]] = cond, cond_mask
-        conds[b:, : null.shape[0]], masks[b:, : null.shape[0]] = null, 1
+        conds[b:, : null.shape[1]] = null.to(cond.dtype).repeat(k - 1, 1, 1)
+        masks[b:, : null.shape[1]] = null_mask.to(masks.dtype).repeat(k - 1, 1)
         inputs = (
             [cond_input, cond_input] if k == 2 else [cond_input, cond_input, torch.zeros_like(cond_input)]
         )
@@ -341,7 +362,7 @@ class MIGEPipeline(DiffusionPipeline):
             ]
         )
         model = self.model
-        prompts = [build_prompt(task, text) for text in instructions]
+        prompts = [build_prompt(task, text, style=self.config.prompt_style) for text in instructions]
         # 7. decode and post-process
         pixels = torch.cat([model.autoencoder.decode(latents[c]) for c in chunks])  # per chunk, like the rest
         settings = [
@@ -390,7 +411,7 @@ class MIGEPipeline(DiffusionPipeline):
         )
 
         # 3. the multimodal condition, through the training prompt function
-        prompts = [build_prompt(task, text) for text in instructions]
+        prompts = [build_prompt(task, text, style=self.config.prompt_style) for text in instructions]
         if ref_latents is None:
             ref_latents = torch.zeros(0, model.latent_channels, 1, 1, device=device, dtype=dtype)
         cond, cond_mask = model.encode_condition(

@@ -61,9 +61,32 @@ def normalize_instruction(text: str, *, max_words: int = 88) -> str:
     return text
 
 
-def build_prompt(task: Task | str, instruction: str, *, max_words: int = 88) -> str:
-    """Task prefix + normalised instruction: the exact text the encoder sees."""
-    return TASK_PREFIX[Task.parse(task)] + normalize_instruction(instruction, max_words=max_words)
+# The prompt strings of the authors' inference scripts where they differ from training: the
+# subject prefix is reworded, and for subject and subject_edit the prefix is normalised together
+# with the instruction (lower-cased, ':' dropped). Their edit inference uses the training prompt.
+AUTHORS_INFERENCE_PREFIX: dict[Task, str] = {
+    Task.SUBJECT: (
+        "Follow the text instruction to generate an image with the given objects' images, "
+        "preserving the subject's identity:\n "
+    ),
+    Task.SUBJECT_EDIT: "Subject-driven editing:\n ",
+}
+PROMPT_STYLES = ("training", "authors_inference")
+
+
+def build_prompt(task: Task | str, instruction: str, *, max_words: int = 88, style: str = "training") -> str:
+    """Task prefix + normalised instruction: the exact text the encoder sees.
+
+    ``style="training"`` (default) gives the text every model here is trained on, at training and
+    at inference alike. ``"authors_inference"`` gives the strings the authors' inference scripts
+    feed their released checkpoint (for a converted checkpoint, to reproduce their outputs).
+    """
+    task = Task.parse(task)
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {PROMPT_STYLES}")
+    if style == "authors_inference" and task in AUTHORS_INFERENCE_PREFIX:
+        return normalize_instruction(AUTHORS_INFERENCE_PREFIX[task] + instruction, max_words=max_words)
+    return TASK_PREFIX[task] + normalize_instruction(instruction, max_words=max_words)
 
 
 def count_placeholders(text: str) -> int:

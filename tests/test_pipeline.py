@@ -48,6 +48,10 @@ class ToyEps(nn.Module):
         self.null_condition = null
         self.calls = []
 
+    def null_rows_like(self, cond_mask):  # MIGE's, with the whole null condition ('full')
+        n, rows = cond_mask.shape[0], self.null_condition.shape[0]
+        return self.null_condition.expand(n, -1, -1), torch.ones(n, rows, dtype=torch.long)
+
     def forward(self, noisy, t, *, cond, cond_mask, cond_input):
         self.calls.append(noisy.shape[0])
         text = (cond[:, 0, 0] * cond_mask[:, 0]).view(-1, 1, 1, 1)  # elementwise only: exact in any batch

@@ -34,3 +34,21 @@ def test_build_prompt_prefixes_each_task():
 def test_unknown_task_names_the_choices():
     with pytest.raises(ValueError, match="unknown task 'paint'.*subject_edit"):
         build_prompt("paint", "x")
+
+
+def test_authors_inference_prompts_reword_and_normalise_the_prefix_for_subject_and_subject_edit():
+    from mige_lightning.prompt import build_prompt
+
+    text = "A dog <imagehere> on the beach."
+    assert build_prompt("subject", text, style="authors_inference") == (
+        "follow the text instruction to generate an image with the given objects' images, "
+        "preserving the subject's identity a dog <imagehere> on the beach"
+    )
+    assert build_prompt("subject_edit", text, style="authors_inference") == (
+        "subject-driven editing a dog <imagehere> on the beach"
+    )
+    # the authors' edit inference uses the training prompt
+    assert build_prompt("edit", text, style="authors_inference") == build_prompt("edit", text)
+    assert build_prompt("subject", text).startswith("Follow the text instruction")
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        build_prompt("edit", text, style="theirs")

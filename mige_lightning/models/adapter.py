@@ -28,12 +28,20 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
         num_heads: int = 8,
         null_length: int = 256,
         init_std: float = 0.02,
+        fusion_query_bias: bool = True,
+        reference_latent_scaling: bool = True,
+        fusion_position_embedding: bool = True,
+        null_condition_length: str = "full",
     ):
+        """The last three describe the inputs the fusion module and the DiT see (``MIGEConfig``
+        documents them); kept in this config so a saved pipeline computes what its model was
+        trained with."""
         super().__init__()
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, query_dim) * init_std)  # [1, Q, Dq]
-        self.fusion = FeatureFusion(query_dim, visual_dim, num_heads=num_heads)
+        self.fusion = FeatureFusion(query_dim, visual_dim, num_heads=num_heads, query_bias=fusion_query_bias)
         self.projection = nn.Linear(query_dim, text_dim)
         # PixArt-style fixed random null caption; replaced by the checkpoint's when one is given
         gen = torch.Generator().manual_seed(0)
-        null = torch.randn(null_length, text_dim, generator=gen) / math.sqrt(text_dim)
+        # drawn on the CPU whatever the default device (a meta-device build gets the same shape)
+        null = torch.randn(null_length, text_dim, generator=gen, device="cpu") / math.sqrt(text_dim)
         self.register_buffer("null_condition", null)  # [L, D], persistent: saved with the model

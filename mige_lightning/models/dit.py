@@ -80,9 +80,17 @@ def widen_patch_embedding(dit: PixArtTransformer2DModel, in_channels: int) -> No
     dit.register_to_config(in_channels=in_channels)
 
 
-def patch_tokens(dit: PixArtTransformer2DModel, latents: torch.Tensor) -> torch.Tensor:
-    """Reference latents [N, C, h, w] → the DiT's own patch tokens [N, L, D] (zero-padded channels)."""
+def patch_tokens(
+    dit: PixArtTransformer2DModel, latents: torch.Tensor, *, position: bool = True
+) -> torch.Tensor:
+    """Reference latents [N, C, h, w] → the DiT's own patch tokens [N, L, D] (zero-padded channels),
+    with its sin-cos position table added, or without (``position=False``: the patch projection
+    only, as the authors' release feeds the fusion module)."""
     pad = dit.config.in_channels - latents.shape[1]
     if pad > 0:
         latents = torch.cat([latents, latents.new_zeros(latents.shape[0], pad, *latents.shape[2:])], dim=1)
-    return dit.pos_embed(latents)
+    if position:
+        return dit.pos_embed(latents)
+    embed = dit.pos_embed
+    tokens = embed.proj(latents).flatten(2).transpose(1, 2)  # [N, L, D]
+    return embed.norm(tokens) if embed.layer_norm else tokens

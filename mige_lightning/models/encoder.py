@@ -41,9 +41,12 @@ class MultimodalEncoder(nn.Module):
         t5: T5EncoderModel,
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
+        train_vision_norm: bool = False,
     ):
         super().__init__()
         self.vision = vision.requires_grad_(False).eval()  # frozen (paper §3.3)
+        # the ViT's final LayerNorm (BLIP-2's ln_vision) is trained in the authors' release
+        self.vision.post_layernorm.requires_grad_(train_vision_norm)
         self.qformer = qformer
         self.adapter = adapter  # learned queries, fusion, projection, null condition
         self.t5 = t5
@@ -74,28 +77,20 @@ class MultimodalEncoder(nn.Module):
 
     def image_tokens(self, pixels: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
         """pixels: [N, 3, Hv, Wv] ViT-normalised; visual_tokens: [N, L, Dv] → [N, Q, D_t5]."""
-        with torch.no_grad():
+        # with a trainable final LayerNorm the graph starts there: nothing before it requires grad,
+        # so the frozen blocks still save no activations
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and self.vision.post_layernorm.weight.requires_grad
+        ):
             features = self.vision(pixel_values=pixels).last_hidden_state  # [N, P, Dvit]
         queries = self.query_tokens.expand(pixels.shape[0], -1, -1)  # [N, Q, Dq]
         semantic = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
         fused = self.fusion(semantic, visual_tokens)  # [N, Q, Dq]
         return self.projection(fused)  # [N, Q, D_t5]
 
-    def interleave(
-        self,
-        prompts: list[str],
-        image_tokens: torch.Tensor,
-        counts: list[int],
-        *,
-        pad_to_max_length: bool = False,
-    ) -> Interleaved:
-        """Text embeddings with each placeholder replaced by its image's tokens, then EOS.
-
-        ``image_tokens`` holds the real images of all samples in order ([N, Q, D], N = sum(counts)).
-        Over-long text is cut from the end; image tokens and EOS are never cut. ``pad_to_max_length``
-        makes the shape independent of the other prompts in the batch (the sampler's choice, so a
-        sample's result does not depend on what it is batched with).
-        """
+    def _segment_ids(self, prompts: list[str], counts: list[int]) -> list[list[list[int]]]:
+        """Per sample, the token ids of the text around its placeholders, over-long text cut from
+        the end so that text + image tokens + EOS fit ``max_length``."""
         if len(prompts) != len(counts):
             raise ValueError(f"{len(prompts)} prompts but {len(counts)} image counts")
         segments = [split_placeholders(p) for p in prompts]
@@ -125,6 +120,32 @@ class MultimodalEncoder(nn.Module):
                 del seg[len(seg) - cut :]
                 excess -= cut
             per_sample.append(seg_ids)
+        return per_sample
+
+    def sequence_lengths(self, prompts: list[str], counts: list[int]) -> list[int]:
+        """How many condition tokens each prompt becomes (text + image tokens + EOS), without
+        running a network: the length of a null condition cut to the prompt's length."""
+        q = self.num_query_tokens
+        per_sample = self._segment_ids(prompts, counts)
+        return [sum(map(len, segs)) + q * n + 1 for segs, n in zip(per_sample, counts, strict=True)]
+
+    def interleave(
+        self,
+        prompts: list[str],
+        image_tokens: torch.Tensor,
+        counts: list[int],
+        *,
+        pad_to_max_length: bool = False,
+    ) -> Interleaved:
+        """Text embeddings with each placeholder replaced by its image's tokens, then EOS.
+
+        ``image_tokens`` holds the real images of all samples in order ([N, Q, D], N = sum(counts)).
+        Over-long text is cut from the end; image tokens and EOS are never cut. ``pad_to_max_length``
+        makes the shape independent of the other prompts in the batch (the sampler's choice, so a
+        sample's result does not depend on what it is batched with).
+        """
+        per_sample = self._segment_ids(prompts, counts)
+        q = self.num_query_tokens
 
         table = self.t5.get_input_embeddings()
         eos_id = self.tokenizer.eos_token_id

@@ -14,9 +14,17 @@ class FeatureFusion(nn.Module):
     until training learns to mix in visual detail.
     """
 
-    def __init__(self, semantic_dim: int, visual_dim: int, *, num_heads: int = 8, eps: float = 1e-6):
+    def __init__(
+        self,
+        semantic_dim: int,
+        visual_dim: int,
+        *,
+        num_heads: int = 8,
+        eps: float = 1e-6,
+        query_bias: bool = True,
+    ):
         super().__init__()
-        self.q_proj = nn.Linear(semantic_dim, semantic_dim)
+        self.q_proj = nn.Linear(semantic_dim, semantic_dim, bias=query_bias)  # authors: no bias
         self.k_mlp = self._mlp(visual_dim, semantic_dim)
         self.v_mlp = self._mlp(visual_dim, semantic_dim)
         self.q_norm = nn.LayerNorm(semantic_dim, eps=eps)

@@ -88,11 +88,9 @@ class MIGE(nn.Module):
         batch = len(prompts)
         keep = torch.ones(batch, dtype=torch.bool, device=ref_mask.device) if drop is None else ~drop
         kept = keep.nonzero().flatten().tolist()
-        null_len, width = self.null_condition.shape
         refs = dict(ref_pixels=ref_pixels, ref_latents=ref_latents, ref_mask=ref_mask)
         if not kept:
-            cond = self.null_condition.expand(batch, -1, -1)
-            ones = torch.ones(batch, null_len, dtype=torch.long, device=cond.device)
+            cond, ones = self.null_rows(self._null_lengths(prompts, ~keep, ref_mask))
             if not self.run_every_branch:
                 return cond, ones
             # every rank runs the encoder: encode sample 0 as a stand-in and keep none of it
@@ -103,14 +101,41 @@ class MIGE(nn.Module):
         hidden, hidden_mask = self._encode_kept(prompts, keep, **refs, pad_to_max_length=pad_to_max_length)
         if len(kept) == batch:
             return hidden, hidden_mask
-        length = max(hidden.shape[1], null_len)
-        cond = hidden.new_zeros(batch, length, width)
+        null, null_mask = self.null_rows(self._null_lengths(prompts, ~keep, ref_mask))
+        length = max(hidden.shape[1], null.shape[1])
+        cond = hidden.new_zeros(batch, length, hidden.shape[2])
         cond_mask = hidden_mask.new_zeros(batch, length)
         cond[keep, : hidden.shape[1]] = hidden
         cond_mask[keep, : hidden.shape[1]] = hidden_mask
-        cond[~keep, :null_len] = self.null_condition.to(hidden.dtype)
-        cond_mask[~keep, :null_len] = 1
+        cond[~keep, : null.shape[1]] = null.to(hidden.dtype)
+        cond_mask[~keep, : null.shape[1]] = null_mask.to(cond_mask.dtype)
         return cond, cond_mask
+
+    def _null_lengths(self, prompts: list[str], dropped: torch.Tensor, ref_mask: torch.Tensor) -> list[int]:
+        """For the dropped samples: their prompts' condition lengths ('prompt' null condition) or
+        the whole null condition's ('full')."""
+        index = dropped.nonzero().flatten().tolist()
+        if self.encoder.adapter.config.null_condition_length != "prompt":
+            return [self.null_condition.shape[0]] * len(index)
+        counts = ref_mask.sum(1).tolist()
+        return self.encoder.sequence_lengths([prompts[i] for i in index], [counts[i] for i in index])
+
+    def null_rows(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null condition for samples whose condition is dropped: [B, L, D] rows and a [B, L]
+        mask that keeps the first ``lengths[b]`` rows (all of them in 'full' mode)."""
+        null = self.null_condition
+        rows = torch.as_tensor(lengths, device=null.device).clamp(max=null.shape[0])
+        mask = (torch.arange(null.shape[0], device=null.device) < rows[:, None]).long()
+        return null.expand(len(lengths), -1, -1), mask
+
+    def null_rows_like(self, cond_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Null rows for guidance, one per row of a conditional batch's mask [B, T]: in 'prompt'
+        mode each cut to that prompt's length, as the condition it is contrasted with."""
+        if self.encoder.adapter.config.null_condition_length == "prompt":
+            lengths = cond_mask.sum(1).tolist()
+        else:
+            lengths = [self.null_condition.shape[0]] * cond_mask.shape[0]
+        return self.null_rows(lengths)
 
     def _encode_kept(
         self,
@@ -131,12 +156,16 @@ class MIGE(nn.Module):
         mask = ref_mask[kept]  # [B', M]
         pixels = ref_pixels[kept][mask]  # [N', 3, Hv, Wv] real images, sample-major order
         latents = ref_latents[keep.repeat_interleave(ref_mask.sum(1))]  # [N', C, h, w]
+        config = self.encoder.adapter.config
+        if not config.reference_latent_scaling:  # the authors fuse raw (unscaled) VAE latents
+            latents = latents / self.autoencoder.scaling_factor
+        position = config.fusion_position_embedding
         if latents.shape[0]:
-            visual = patch_tokens(self.dit, latents)
+            visual = patch_tokens(self.dit, latents, position=position)
         elif self.run_every_branch:  # no image here, maybe on other ranks: a zero latent, none kept
             size = self.dit.config.sample_size
             ghost = latents.new_zeros(1, self.latent_channels, size, size)
-            visual = patch_tokens(self.dit, ghost)[:0]  # [0, L, D], still in the autograd graph
+            visual = patch_tokens(self.dit, ghost, position=position)[:0]  # [0, L, D], still in the graph
         else:
             visual = latents.new_zeros(0, 1, 1)
         return self.encoder(
@@ -225,6 +254,10 @@ def build_mige(config: MIGEConfig) -> MIGE:
         num_heads=config.fusion.get("num_heads", 8),
         null_length=config.max_length,
         init_std=qformer.config.initializer_range,
+        fusion_query_bias=config.fusion_query_bias,
+        reference_latent_scaling=config.reference_latent_scaling,
+        fusion_position_embedding=config.fusion_position_embedding,
+        null_condition_length=config.null_condition_length,
     )
     with torch.no_grad():
         if pretrained_parts is not None:
@@ -256,5 +289,6 @@ def build_mige(config: MIGEConfig) -> MIGE:
         t5=t5,
         tokenizer=tokenizer,
         max_length=config.max_length,
+        train_vision_norm=config.train_vision_norm,
     )
     return MIGE(encoder=encoder, dit=dit, autoencoder=autoencoder)

@@ -17,6 +17,17 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mige_lightning.models.loading import PretrainedSources
 
+NULL_CONDITION_LENGTHS = ("full", "prompt")
+# What the authors' released code computes (read from Eureka-Maggie/MIGE): a checkpoint converted
+# from theirs reproduces their outputs only with these values.
+AUTHORS_BEHAVIOUR: dict[str, Any] = {
+    "reference_latent_scaling": False,
+    "fusion_position_embedding": False,
+    "fusion_query_bias": False,
+    "null_condition_length": "prompt",
+    "train_vision_norm": True,
+}
+
 
 @dataclass
 class MIGEConfig:
@@ -34,7 +45,22 @@ class MIGEConfig:
     max_images: int = 4  # reference images per instruction
     vision_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
     vision_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
+    # How the reference images' VAE tokens reach the fusion module and what the null condition is.
+    # The defaults are this project's; the authors' release does the opposite of each (the ``xl``
+    # preset follows the authors, see AUTHORS_BEHAVIOUR and docs/AUTHORS_CHECKPOINT.md).
+    reference_latent_scaling: bool = True  # VAE-scaled latents (×0.18215) into fusion; authors: raw
+    fusion_position_embedding: bool = True  # sin-cos position table on fusion tokens; authors: none
+    fusion_query_bias: bool = True  # bias on the fusion module's query projection; authors: none
+    null_condition_length: str = "full"  # "full" rows, or "prompt": the first L rows, L = the prompt's length
+    train_vision_norm: bool = False  # the ViT's final LayerNorm trains with the rest; authors: yes
     pretrained: PretrainedSources = field(default_factory=PretrainedSources)
+
+    def __post_init__(self) -> None:
+        if self.null_condition_length not in NULL_CONDITION_LENGTHS:
+            raise ValueError(
+                f"model.overrides.null_condition_length: {self.null_condition_length!r}; "
+                f"choose one of {NULL_CONDITION_LENGTHS}"
+            )
 
     @property
     def vision_resolution(self) -> int:
@@ -170,6 +196,7 @@ def _xl() -> MIGEConfig:
             dit_subfolder="transformer",
             vae="stabilityai/sd-vae-ft-ema",
         ),
+        **AUTHORS_BEHAVIOUR,  # the paper's model computes what the authors' release computes
     )
 
 

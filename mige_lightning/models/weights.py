@@ -1,0 +1,89 @@
+"""Start a built model from a weights file (``model.init_weights``): safetensors only, no pickle.
+
+Accepted: a ``model.safetensors`` written by ``convert-authors`` (keys of ``MIGE``) or by ``export``
+(keys of the LightningModule, ``model.`` in front), or the folder holding it. Every tensor in the
+file must land on a tensor of the model with the same shape; every tensor of the model must be in
+the file, except the frozen autoencoder's (the authors' checkpoint has none: it then comes from
+``model.pretrained.vae``) and weights tied to one that is (T5's input embedding).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+EXPORT_PREFIX = "model."
+
+
+def weights_file(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_weights: '{path}' does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"model.init_weights: '{path}' is not a .safetensors file; convert the authors' .pth with "
+            "`python -m mige_lightning convert-authors`, a training checkpoint with `export`"
+        )
+    return path
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter name that shares its tensor with an earlier one → that earlier name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Copy the file's tensors into ``model`` (cast to its dtype); returns the names of the
+    model's tensors the file did not have (autoencoder only). Anything else is an error naming
+    the keys."""
+    file = weights_file(path)
+    state = load_file(str(file))
+    if state and all(k.startswith(EXPORT_PREFIX) for k in state):
+        state = {k[len(EXPORT_PREFIX) :]: v for k, v in state.items()}
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    tied = tied_names(model)
+    missing = sorted(
+        k
+        for k in set(own) - set(state)
+        if not (k in tied and tied[k] in state) and k not in _non_tied(tied, state)
+    )
+    not_vae = [k for k in missing if not k.startswith("autoencoder.")]
+    if unexpected or wrong or not_vae:
+        problems = []
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensor(s) the model does not have: {unexpected[:5]}")
+        if wrong:
+            problems.append(
+                f"{len(wrong)} of another shape: "
+                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:5])
+            )
+        if not_vae:
+            problems.append(f"{len(not_vae)} of the model's tensor(s) missing: {not_vae[:5]}")
+        raise ValueError(
+            f"model.init_weights: {file} does not fit the configured model: " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=False)
+    if missing:
+        log.info("model.init_weights: %s has no autoencoder; it comes from model.pretrained.vae", file)
+    return missing
+
+
+def _non_tied(tied: dict[str, str], state: dict) -> set[str]:
+    """First names of tied groups given in the file only under a later name (loaded through it)."""
+    return {first for name, first in tied.items() if name in state}
