@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.benchmarks import BenchmarkDataset, read_benchmark
@@ -31,6 +32,18 @@ class ResumableDataLoader(DataLoader):
     sampler's position, counted from batches that reached the training step, so prefetching by
     Lightning or by worker processes does not shift where a resumed run continues."""
 
+    def __init__(self, *args, **kwargs):
+        # its own generator: starting an epoch's iterator draws a seed for the workers, and from
+        # the global generator that draw would fall after a checkpoint taken on an epoch's last
+        # step in the uninterrupted run but before the restored RNG state in the resumed one
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        if isinstance(self.sampler, TaskBalancedSampler):  # worker seeds: a function of (seed, epoch)
+            self.generator.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
+        return super().__iter__()
+
     def state_dict(self) -> dict[str, int]:
         # Lightning swaps in a SequentialSampler for overfit_batches: nothing to resume then
         return self.sampler.state_dict() if isinstance(self.sampler, TaskBalancedSampler) else {}
@@ -40,13 +53,32 @@ class ResumableDataLoader(DataLoader):
             self.sampler.load_state_dict(state)
 
 
+MANIFEST_SPEC_KEYS = ("path", "task", "subtask", "base")
+
+
+def check_manifest_spec(spec: Any, index: int, *, key: str = "data.manifests") -> dict[str, Any]:
+    """One ``{path, task, subtask, base}`` entry: a typo'd key (``bas:``) is an error, not ignored."""
+    if not isinstance(spec, dict) or not spec.get("path"):
+        raise ValueError(f"{key}[{index}]: expected {{path: …, task: …, subtask: …, base: …}}, got {spec!r}")
+    unknown = sorted(set(spec) - set(MANIFEST_SPEC_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{key}[{index}]: unknown key(s) {unknown}; expected some of {list(MANIFEST_SPEC_KEYS)}"
+        )
+    if spec.get("base") is not None and not Path(str(spec["base"])).expanduser().is_dir():
+        raise FileNotFoundError(f"{key}[{index}].base: folder '{spec['base']}' does not exist")
+    return dict(spec)
+
+
 class MIGEDataModule(L.LightningDataModule):
     """Args:
-    manifests: ``[{path: edit.json, task: edit, subtask: null}, …]``; ``task`` may instead come
-        from each record's ``task`` field.
+    manifests: ``[{path: edit.json, task: edit, subtask: null, base: null}, …]``; ``task`` may
+        instead come from each record's ``task`` field; ``base``: the folder the manifest's relative
+        paths resolve against (e.g. the dataset root, as the authors' files are written), default
+        the manifest's own folder; images must stay inside it (or inside ``root`` when given).
     synthetic: ``{root: data/demo, num_samples: 320, size: 32, seed: 0}`` — generate the synthetic
         world on first use and train on its ``train`` split.
-    root: data root every image path must stay inside; default: each manifest's folder.
+    root: data root every image path must stay inside; default: each manifest's ``base``.
     task_weights: sampling weight per pool (``subject``, ``edit``, ``subject_edit/add``,
         ``subject_edit/replace``; ``subject_edit`` for records without a subtask).
     samples_per_epoch: per rank; default: all records / world size.
@@ -88,7 +120,7 @@ class MIGEDataModule(L.LightningDataModule):
         super().__init__()
         if not manifests and not synthetic and not predict_requests and not benchmark:
             raise ValueError("data: give `manifests`, `synthetic`, `predict_requests` or `benchmark`")
-        self.manifests = list(manifests or [])
+        self.manifests = [check_manifest_spec(spec, i) for i, spec in enumerate(manifests or [])]
         self.synthetic = dict(synthetic) if synthetic else None
         self.root = root
         self.batch_size = batch_size
@@ -102,7 +134,10 @@ class MIGEDataModule(L.LightningDataModule):
         self.predict_requests = predict_requests
         self.predict_batch_size = predict_batch_size
         self.benchmark = dict(benchmark) if benchmark else None
-        self.val_manifests = list(val_manifests or [])
+        self.val_manifests = [
+            check_manifest_spec(spec, i, key="data.val_manifests")
+            for i, spec in enumerate(val_manifests or [])
+        ]
         self.resolution = resolution
         self.vision_resolution = vision_resolution
         self.vision_mean = vision_mean
@@ -165,7 +200,7 @@ class MIGEDataModule(L.LightningDataModule):
             return  # predict / test read only their request file / benchmark
         for spec in self.manifest_specs():
             records, problems = read_manifest(
-                spec["path"], task=spec.get("task"), subtask=spec.get("subtask")
+                spec["path"], task=spec.get("task"), subtask=spec.get("subtask"), base=spec.get("base")
             )
             self.records.extend(records)
             self._parse_problems.extend(problems)
@@ -195,8 +230,8 @@ class MIGEDataModule(L.LightningDataModule):
         by_manifest: dict[str, list[Record]] = defaultdict(list)
         for rec in self.records:
             by_manifest[rec.manifest].append(rec)
-        for manifest, records in by_manifest.items():
-            root = Path(self.root) if self.root else Path(manifest).parent
+        for records in by_manifest.values():
+            root = Path(self.root) if self.root else Path(records[0].base)
             ok, bad = check_records(
                 records, root=root, max_images=self.max_images, check_images=self.check_images
             )
@@ -215,7 +250,9 @@ class MIGEDataModule(L.LightningDataModule):
             specs += manifest_specs(self.synthetic.get("root", "data/demo"), "heldout")
         records, problems = [], []
         for spec in specs:
-            recs, probs = read_manifest(spec["path"], task=spec.get("task"), subtask=spec.get("subtask"))
+            recs, probs = read_manifest(
+                spec["path"], task=spec.get("task"), subtask=spec.get("subtask"), base=spec.get("base")
+            )
             records += recs
             problems += probs
         return resolve_problems(records, problems, on_bad_record=self.on_bad_record) if problems else records

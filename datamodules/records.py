@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
+from mige_lightning.prompt import (
+    PLACEHOLDER,
+    Task,
+    count_placeholders,
+    normalize_instruction,
+    placeholders_cut,
+)
 
 SUBTASKS = {Task.SUBJECT_EDIT: ("add", "replace")}
 
@@ -48,6 +55,7 @@ class Record:
     origin: str  # "manifest.json:12: record 7" (line, and n-th record of the file), for messages
     subtask: str | None = None  # "add" / "replace" inside subject_edit
     manifest: str = ""  # the manifest file it came from
+    base: str = ""  # the folder its relative paths resolve against (the manifest's or its spec's base)
 
     @property
     def pool(self) -> str:
@@ -59,7 +67,7 @@ class Record:
         return (self.target, *self.references, *((self.source,) if self.source else ()))
 
 
-def _entries(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+def entries_of(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """(line, object) pairs from a JSON list or a JSONL file, plus the lines that failed to parse."""
     lines = read_lines(path)
     first = next((t.lstrip() for _, t, _ in lines if t and t.strip()), "")
@@ -187,7 +195,8 @@ def parse_record(
             f"unknown subtask {sub!r} for task '{parsed_task.value}'; expected one of {SUBTASKS.get(parsed_task, ())}",
         )
     try:
-        refs = tuple(base / p for p in _as_list(obj.get("entity_path"), "entity_path"))
+        entities = _as_list(obj.get("entity_path"), "entity_path")
+        refs = tuple(base / p for p in entities)
         sources = _as_list(obj.get("source_path"), "source_path")
     except TypeError as e:
         raise bad("wrong type", str(e)) from None
@@ -196,6 +205,9 @@ def parse_record(
     if parsed_task.uses_source and not sources:
         raise bad("missing source", f"task '{parsed_task.value}' needs a 'source_path'")
     instruction = obj["multi_prompt"]
+    mismatch = shape_mismatch(parsed_task, sub, entities=entities, sources=sources, instruction=instruction)
+    if mismatch is not None:
+        raise bad("task mismatch", mismatch)
     n_placeholders = count_placeholders(instruction)
     if n_placeholders != len(refs):
         raise bad(
@@ -215,21 +227,96 @@ def parse_record(
     )
 
 
+# words that say which subject_edit subtask an instruction asks for (in BLIP-normalised text)
+SUBTASK_WORDS = {
+    "add": {"add", "adds", "adding", "insert", "inserting", "put", "place", "placing"},
+    "replace": {"replace", "replaces", "replacing", "swap", "swapping", "substitute", "exchange", "change"},
+}
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def subtask_by_wording(instruction: str) -> str | None:
+    """``add`` / ``replace`` when the instruction's words name one of them and not the other."""
+    words = set(_WORD_RE.findall(normalize_instruction(instruction).replace(PLACEHOLDER, " ")))
+    found = [sub for sub, vocab in SUBTASK_WORDS.items() if words & vocab]
+    return found[0] if len(found) == 1 else None
+
+
+def shape_mismatch(
+    task: Task, subtask: str | None, *, entities: list[str], sources: list[str], instruction: str
+) -> str | None:
+    """Why a record's fields contradict its task (a mislabelled record), or None.
+
+    ``subject``: no source image. ``edit``: one source, which is also its one referenced image
+    (the instruction's placeholder shows the image to edit). ``subject_edit``: a source and at
+    least one entity besides it; a declared ``add`` / ``replace`` whose wording names only the
+    other subtask is a mismatch too.
+    """
+    if task is Task.SUBJECT and sources:
+        return "'subject' record has a source image — edit or subject_edit?"
+    if task is Task.EDIT and sources:
+        if len(entities) != 1 or entities[0] != sources[0]:
+            if any(e != sources[0] for e in entities):
+                return (
+                    f"'edit' record references {len(entities)} image(s) other than or besides its source; "
+                    "an edit references exactly its source image — subject_edit?"
+                )
+            return (
+                f"'edit' record references its source {len(entities)} times; an edit references "
+                "exactly its source image, once"
+            )
+    if task is Task.SUBJECT_EDIT and sources:
+        if not any(e != sources[0] for e in entities):
+            return "'subject_edit' record has no entity image besides its source — edit?"
+        said = subtask_by_wording(instruction)
+        if subtask is not None and said is not None and said != subtask:
+            return f"'{subtask}' record whose instruction says '{said}' — subtask {said}?"
+    return None
+
+
+def infer_task(obj: dict) -> str | None:
+    """The task a record's shape says it has (``subject``, ``edit``, ``subject_edit``,
+    ``subject_edit/add``, ``subject_edit/replace``), or None when its fields do not tell."""
+    try:
+        entities = _as_list(obj.get("entity_path"), "entity_path")
+        sources = _as_list(obj.get("source_path"), "source_path")
+    except TypeError:
+        return None
+    if not sources:
+        return "subject"
+    if len(sources) > 1:
+        return None
+    if entities == sources:
+        return "edit"
+    if not any(e != sources[0] for e in entities):
+        return None
+    instruction = obj.get("multi_prompt")
+    sub = subtask_by_wording(instruction) if isinstance(instruction, str) else None
+    return f"subject_edit/{sub}" if sub else "subject_edit"
+
+
 def read_manifest(
-    path: str | Path, *, task: Task | str | None = None, subtask: str | None = None
+    path: str | Path,
+    *,
+    task: Task | str | None = None,
+    subtask: str | None = None,
+    base: str | Path | None = None,
 ) -> tuple[list[Record], list[Problem]]:
-    """All good records of one manifest and a ``Problem`` for every bad one."""
+    """All good records of one manifest and a ``Problem`` for every bad one. Relative paths
+    resolve against ``base`` (e.g. a dataset root, as the authors' files are written), by default
+    the manifest's own folder."""
     path = Path(path)
+    base_dir = Path(base).expanduser() if base is not None else path.parent
     if not path.is_file():
         return [], [Problem(f"{path}:0", "missing manifest", "manifest file does not exist")]
-    entries, problems = _entries(path)
+    entries, problems = entries_of(path)
     records = []
     for number, (line, obj) in enumerate(entries, start=1):
         # keyed by record, not by line: a one-line (minified) JSON list holds many records per line
         origin = f"{path}:{line}: record {number}"
         try:
-            rec = parse_record(obj, origin=origin, base=path.parent, task=task, subtask=subtask)
-            records.append(dataclasses.replace(rec, manifest=str(path)))
+            rec = parse_record(obj, origin=origin, base=base_dir, task=task, subtask=subtask)
+            records.append(dataclasses.replace(rec, manifest=str(path), base=str(base_dir)))
         except ManifestError as e:
             reason = str(e).removeprefix(f"{origin}: ")
             problems.append(Problem(origin, e.kind, reason))

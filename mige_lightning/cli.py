@@ -1,12 +1,14 @@
-"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export,convert-authors,judge-synthetic} …``.
+"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export,convert-authors,inspect,
+inspect-manifest,judge-synthetic} …``.
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
 a config says otherwise, every run logs to TensorBoard under ``runs/<name>/version_<n>/`` and
 checkpoints into that same run directory (one directory per run, config saved beside it).
 
 Under SLURM, ``fit`` uses ``runs/<name>/slurm_<job id>/`` instead, resumes from the newest
-checkpoint there when no ``--ckpt_path`` is given, and adds the ``SLURMRequeue`` callback
-(checkpoint + ``scontrol requeue`` on the pre-emption signal): see ``mige_lightning/slurm.py``.
+checkpoint there when no ``--ckpt_path`` is given, and requeues on the pre-emption signal. Every
+``fit`` gets the ``PreemptionCheckpoint`` callback (checkpoint after the step on SIGTERM, then exit
+143; under SLURM also checkpoint + ``scontrol requeue`` on SIGUSR1): see ``callbacks/slurm_requeue.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from callbacks.slurm_requeue import SLURMRequeue
+from callbacks.slurm_requeue import PreemptionCheckpoint
 from datamodules.datamodule import MIGEDataModule
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.slurm import (
@@ -126,15 +128,23 @@ class MIGECLI(LightningCLI):
                 refuse_taken_version(self.config["fit"])
 
     def before_fit(self) -> None:
+        # SIGTERM (and SLURM's pre-emption signal): checkpoint after the step, on every rank together
+        if not any(isinstance(c, PreemptionCheckpoint) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PreemptionCheckpoint())
         if not SLURMEnvironment.detect():
             return
-        if not any(isinstance(c, SLURMRequeue) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(SLURMRequeue())
         if self.config_init["fit"].get("ckpt_path") is None:  # a requeued job continues where it stopped
             path = newest_checkpoint(resume_candidates(self.trainer))
             if path is not None:
                 rank_zero_info(f"SLURM job restart: resuming from {path}")
                 self.config_init["fit"]["ckpt_path"] = str(path)
+
+    def after_fit(self) -> None:
+        # stopped by SIGTERM after its checkpoint: exit like a terminated process (143), not 0
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PreemptionCheckpoint) and callback.exit_code is not None:
+                rank_zero_info(f"stopped by SIGTERM; resume with --ckpt_path {callback.checkpoint_path}")
+                sys.exit(callback.exit_code)
 
 
 def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
@@ -153,6 +163,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
         from mige_lightning.synthetic_report import main as judge_main
 
         return judge_main(argv[1:])
+    if argv[:1] in (["inspect"], ["inspect-manifest"]):
+        # what is in a set of manifests: tasks (declared and by shape), references, sizes, problems
+        from datamodules.manifest_report import main as inspect_main
+
+        return inspect_main(argv[1:], by_config=argv[0] == "inspect")
     if argv[:1] == ["convert-authors"]:
         # the authors' released model.pth → model.safetensors + the config that loads it
         from mige_lightning.authors_checkpoint import main as convert_main

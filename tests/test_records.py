@@ -36,11 +36,12 @@ def test_authors_json_list_loads_unchanged_with_task_from_config(tmp_path):
                     "width": 8,
                     "height": 8,
                 },
-                {
+                {  # a record's own task wins over the manifest's
                     "image": "t.png",
                     "multi_prompt": "put <imagehere> in <imagehere>",
                     "entity_path": ["a.png", "s.png"],
                     "source_path": ["s.png"],
+                    "task": "subject_edit",
                 },
             ],
             indent=1,
@@ -48,7 +49,7 @@ def test_authors_json_list_loads_unchanged_with_task_from_config(tmp_path):
     )
     recs, problems = read_manifest(tmp_path / "edit.json", task="edit")
     assert problems == []
-    assert [r.task for r in recs] == [Task.EDIT, Task.EDIT]
+    assert [r.task for r in recs] == [Task.EDIT, Task.SUBJECT_EDIT]
     assert (
         recs[1].references == (tmp_path / "a.png", tmp_path / "s.png")
         and recs[0].source == tmp_path / "s.png"
@@ -64,7 +65,7 @@ def test_authors_json_list_loads_unchanged_with_task_from_config(tmp_path):
 def test_subtask_from_record_or_manifest(tmp_path):
     line = {
         "image": "t.png",
-        "multi_prompt": "add <imagehere> to <imagehere>",
+        "multi_prompt": "the dog <imagehere> in <imagehere>",  # wording names neither subtask
         "entity_path": ["a.png", "s.png"],
         "source_path": ["s.png"],
     }

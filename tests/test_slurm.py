@@ -153,6 +153,15 @@ def _wait(procs: list[subprocess.Popen], cwd: Path, tag: str, timeout: float = 3
     assert codes == [0, 0], logs
 
 
+def _wait_for_training(procs: list[subprocess.Popen], run_dir: Path) -> None:
+    """Until both tasks are training (their first periodic checkpoint exists)."""
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints/last.ckpt/meta.pt").is_file():
+        assert all(p.poll() is None for p in procs), "a task exited before training"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_sigusr1_checkpoints_requeues_and_the_next_start_resumes(tmp_path):
     (tmp_path / "bin").mkdir()
@@ -168,11 +177,7 @@ def test_sigusr1_checkpoints_requeues_and_the_next_start_resumes(tmp_path):
         **{**FIT, "max_steps": 1000},
     )
     procs = _srun(first, tmp_path, "first")
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints/last.ckpt/meta.pt").is_file():  # both tasks are training
-        assert all(p.poll() is None for p in procs), "a task exited before training"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.5)
+    _wait_for_training(procs, run_dir)
     for p in procs:  # what SLURM does 90 s before the end (--signal=SIGUSR1@90)
         p.send_signal(signal.SIGUSR1)
     _wait(procs, tmp_path, "first")
@@ -283,3 +288,78 @@ def test_a_new_run_into_a_taken_explicit_version_is_refused(tmp_path, monkeypatc
     ):
         main(args)
     assert sorted(p.name for p in taken.iterdir()) == ["events.out.tfevents.1"]  # nothing written into it
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_checkpoints_on_both_and_exits_143_without_requeue(tmp_path):
+    """scancel, a job's end or a container stop send SIGTERM. Lightning's own handler broadcasts
+    from inside the signal handler, so a SIGTERM that reaches one rank of two hung both; and a
+    single process exited 0 with no checkpoint. Now: the next step ends with a checkpoint taken by
+    both ranks together, no requeue, and exit code 143 on both."""
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin/scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    scontrol.chmod(0o755)
+    run_dir = tmp_path / "runs/demo" / f"slurm_{JOB}"
+    overlay = write_overlay(
+        tmp_path / "term.yaml", world=tmp_path / "world", probe=tmp_path / "probe", every=2, max_steps=1000
+    )
+    procs = _srun(overlay, tmp_path, "term")
+    _wait_for_training(procs, run_dir)
+    procs[1].send_signal(signal.SIGTERM)  # one rank only
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise AssertionError("a rank hung after SIGTERM to the other") from None
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("term-task*.log")))
+    assert codes == [143, 143], logs
+    assert not (tmp_path / "scontrol.log").exists()  # a terminated job is not requeued
+    step = torch.load(run_dir / "hpc_ckpt_1.ckpt" / "meta.pt", weights_only=True)["global_step"]
+    for rank in range(2):
+        rows = json.loads((tmp_path / "probe" / f"rank{rank}.json").read_text())["rows"]
+        assert rows[-1]["step"] == step  # stopped right after the SIGTERM checkpoint
+    assert "SIGTERM: saving" in (tmp_path / "term-task0.log").read_text()
+
+
+def test_sigterm_in_a_single_process_run_checkpoints_after_the_step_and_sets_exit_code_143(tmp_path):
+    import os
+
+    import lightning as L
+
+    from callbacks.slurm_requeue import PreemptionCheckpoint
+
+    class SelfTerminating(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.ones(64, 1), batch_size=2)
+
+    callback = PreemptionCheckpoint()
+    trainer = L.Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer.fit(SelfTerminating())
+    assert trainer.global_step == 4 and callback.exit_code == 143
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored after the run
