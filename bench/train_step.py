@@ -1,6 +1,13 @@
-"""Train-step time and peak memory on CPU for the tiny and mid presets (issue 2 benchmark).
+"""Train-step time, peak memory, FLOPs and MFU (issue 2 benchmark; FLOPs / MFU from issue 12).
 
     .venv/bin/python bench/train_step.py [--presets tiny mid] [--steps 10] [--batch 4]
+    python bench/train_step.py --device cuda --presets xl --batch 8 \
+        --overrides '{"t5": {"num_layers": 8}}'     # FSDP2 (1 rank) + bf16 + activation checkpointing
+
+FLOPs are counted by ``FlopCounterMode`` on one real step (forward + backward; with activation
+checkpointing the recomputation is counted too, so the ratio is then HFU). The ratio divides the
+achieved FLOP/s by the peak: on a CPU the matrix-product throughput measured here (fp32), on a GPU
+its dense bf16 peak (``mige_lightning/flops.py``).
 
 One "step" = encode the batch (VAE, ViT, Q-Former, fusion, T5), DiT forward, hybrid loss,
 backward and an AdamW update. Peak memory is the process's max RSS growth over the run
@@ -10,6 +17,8 @@ backward and an AdamW update. Peak memory is the process's max RSS growth over t
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
 import statistics
 import sys
@@ -20,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mige_lightning.flops import StepFlops, peak_flops  # noqa: E402
 from mige_lightning.module import MIGELightningModule  # noqa: E402
 from tests.conftest import make_batch  # noqa: E402
 
@@ -30,26 +40,76 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def bench(preset: str, *, steps: int, batch: int, images: int) -> dict:
+def build_on_device(preset: str, overrides: dict | None, device: str) -> MIGELightningModule:
+    """The module on ``device``; on a GPU built there, sharded with FSDP2 over one rank (bf16
+    compute, fp32 master weights) with activation checkpointing, as the paper config trains."""
+    kwargs = dict(p_drop_condition=0, p_drop_input=0, p_drop_both=0, warmup_steps=1, overrides=overrides)
+    if device == "cpu":
+        module = MIGELightningModule(preset, **kwargs)
+        module.configure_model()
+        return module
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mige_lightning.models import build_mige
+    from mige_lightning.sharding import shard_mige
+
+    pretrained = dict(t5=None, blip2=None, dit=None, vae=None, tokenizer="byte")  # random init, no network
+    module = MIGELightningModule(preset, pretrained=pretrained, fsdp_mixed_precision=True, **kwargs)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    with torch.device(device):
+        module.model = build_mige(module.config)
+    module.to(device)
+    shard_mige(
+        module.model, init_device_mesh(device, (1,)), mixed_precision=True, activation_checkpointing=True
+    )
+    return module
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def bench(preset: str, *, steps: int, batch: int, images: int, device: str = "cpu", overrides=None) -> dict:
     torch.manual_seed(0)
     before = rss_mb()
-    module = MIGELightningModule(preset, p_drop_condition=0, p_drop_input=0, p_drop_both=0, warmup_steps=1)
-    module.configure_model()
+    module = build_on_device(preset, overrides, device)
     module.model.train()
     opt = module.configure_optimizers()["optimizer"]
-    data = make_batch(module.config, [images] * batch)
+    data = to_device(make_batch(module.config, [images] * batch), device)
+    cuda = device.startswith("cuda")
     trainable = sum(p.numel() for p in module.trainable_parameters())
     total = sum(p.numel() for p in module.model.parameters())
     times = []
+    counter = StepFlops()
     for i in range(steps + 2):
+        if cuda:
+            torch.cuda.synchronize()
+        if i == 0:
+            counter.start()  # the first (warm-up) step: FLOPs do not depend on timing
         t0 = time.perf_counter()
         loss = module.training_step(data, i)
         loss.backward()
+        if i == 0:
+            counter.stop()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak = peak_flops(torch.device(device), dtype)
+    step = statistics.median(times)
     return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "step_gflop": counter.total / 1e9,
+        "achieved_tflops": counter.total / step / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "mfu": counter.total / step / peak if peak else None,
+        "peak_gpu_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "preset": preset,
         "params_total_M": total / 1e6,
         "params_trainable_M": trainable / 1e6,
@@ -68,18 +128,41 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--images", type=int, default=2, help="reference images per sample")
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(
-        "| preset | params (trainable / total) | res | batch | refs | step s (median / min) | peak RSS growth |"
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, or cuda: FSDP2 (1 rank) + bf16 + activation checkpointing"
     )
-    print("|---|---|---|---|---|---|---|")
+    ap.add_argument(
+        "--overrides", default=None, help="JSON model.overrides, e.g. fewer T5 blocks to fit one GPU"
+    )
+    args = ap.parse_args()
+    overrides = json.loads(args.overrides) if args.overrides else None
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, overrides {overrides}"
+    )
+    if args.device != "cpu":
+        for preset in args.presets:
+            r = bench(
+                preset,
+                steps=args.steps,
+                batch=args.batch,
+                images=args.images,
+                device=args.device,
+                overrides=overrides,
+            )
+            print(json.dumps(r, indent=1), flush=True)
+        return
+    print(
+        "| preset | params (trainable / total) | res | batch | refs | step s (median / min) | peak RSS growth "
+        "| GFLOP per step | achieved / measured matmul GFLOP/s = ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         r = bench(preset, steps=args.steps, batch=args.batch, images=args.images)
         print(
             f"| {r['preset']} | {r['params_trainable_M']:.2f} M / {r['params_total_M']:.2f} M | {r['resolution']} "
             f"| {r['batch']} | {r['refs_per_sample']} | {r['step_s_median']:.3f} / {r['step_s_min']:.3f} "
-            f"| {r['peak_rss_growth_MB']:.0f} MB |",
+            f"| {r['peak_rss_growth_MB']:.0f} MB | {r['step_gflop']:.1f} | {r['achieved_tflops'] * 1e3:.1f} "
+            f"/ {r['peak_tflops'] * 1e3:.0f} = {r['mfu']:.1%} |",
             flush=True,
         )
 

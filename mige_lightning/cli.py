@@ -49,6 +49,7 @@ TRAINER_DEFAULTS = {
             "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
             "init_args": {"logging_interval": "step"},
         },
+        {"class_path": "callbacks.throughput.MFUMonitor"},  # samples / tokens / FLOP per s, MFU
     ],
 }
 
@@ -140,6 +141,13 @@ class MIGECLI(LightningCLI):
                 self.config_init["fit"]["ckpt_path"] = str(path)
 
     def after_fit(self) -> None:
+        # every rank leaves together: no rank exits while another still has collective work in
+        # flight (a rank torn down mid-collective aborted once at exit after a requeue)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
         # stopped by SIGTERM after its checkpoint: exit like a terminated process (143), not 0
         for callback in self.trainer.callbacks:
             if isinstance(callback, PreemptionCheckpoint) and callback.exit_code is not None:

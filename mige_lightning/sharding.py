@@ -5,8 +5,9 @@ Groups, innermost first (each ``fully_shard`` call takes the parameters not alre
 1. the frozen ViT, per layer and then the tower: its own groups, so it is sharded too but holds no
    gradients and no optimiser state (``requires_grad`` is False);
 2. the trainable blocks: Q-Former layers, T5 blocks, DiT blocks;
-3. the DiT's patch embedding, which the encoder also calls on reference latents (outside the
-   DiT's ``forward``);
+3. the DiT's patch projection (``pos_embed.proj``), which the encoder also calls on reference
+   latents outside the DiT's ``forward`` — through its ``PatchEmbed`` parent, or directly when
+   fusion tokens take no position table (the authors' way), hence a unit of its own;
 4. the encoder (embeddings, learned queries, fusion, projection, norms) and the DiT (timestep and
    caption embedders, output layers);
 5. the root, ``MIGE``, with ``encode_condition`` registered as a forward method. The frozen
@@ -92,8 +93,10 @@ def shard_mige(
     # 2. trainable blocks
     for block in [*enc.qformer.encoder.layer, *enc.t5.encoder.block, *dit.transformer_blocks]:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    # 3. patch embedding, shared by the reference tokens and the DiT input
-    fully_shard(dit.pos_embed, mesh=dp_mesh, mp_policy=policy)
+    # 3. the patch projection, shared by the reference tokens and the DiT input; sharded as its
+    # own unit (not its PatchEmbed parent) because fusion tokens without the position table
+    # (the authors' way) call the projection directly, and a unit's hooks run only on its forward
+    fully_shard(dit.pos_embed.proj, mesh=dp_mesh, mp_policy=policy)
     # 4. what remains of each component
     fully_shard(enc, mesh=dp_mesh, mp_policy=policy)
     fully_shard(dit, mesh=dp_mesh, mp_policy=policy)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mige_lightning.models import build_mige, get_config
+from mige_lightning.models.presets import AUTHORS_BEHAVIOUR
 from mige_lightning.sharding import data_parallel_mesh, enable_activation_checkpointing, shard_mige
 from tests.conftest import make_batch, prompts_of
 
@@ -45,9 +46,9 @@ def spawn(fn, args, *, nprocs: int, timeout: float) -> None:
             pytest.fail(f"{nprocs} processes still running after {timeout} s")
 
 
-def _model():
+def _model(switches: dict | None = None):
     torch.manual_seed(0)
-    model = build_mige(get_config("tiny"))
+    model = build_mige(get_config("tiny", switches))
     enable_activation_checkpointing(model)
     return model.train()  # dropout on: activation checkpointing must replay it exactly
 
@@ -72,7 +73,7 @@ def _loss(model, rank: int, micro: int) -> torch.Tensor:
     return out.pow(2).mean()
 
 
-def _worker(rank: int, port: int, out: str, mixed_precision: bool) -> None:
+def _worker(rank: int, port: int, out: str, mixed_precision: bool, switches: dict | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # a rank skipping a collective fails in a minute instead of hanging
@@ -81,7 +82,7 @@ def _worker(rank: int, port: int, out: str, mixed_precision: bool) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
-        model = _model()
+        model = _model(switches)
         model.run_every_branch = False  # shard_mige must turn it on
         shard_mige(model, init_device_mesh("cpu", (WORLD,)), mixed_precision=mixed_precision)
         for micro in range(2):
@@ -97,7 +98,11 @@ def _worker(rank: int, port: int, out: str, mixed_precision: bool) -> None:
             "local": sum(p.to_local().numel() for p in trainable.values()),
             "vision_sharded_frozen": all(
                 isinstance(p, DTensor) and not p.requires_grad and p.grad is None
-                for p in model.encoder.vision.parameters()
+                for n, p in model.encoder.vision.named_parameters()
+                if not (
+                    n.startswith("post_layernorm.")
+                    and model.encoder.vision.post_layernorm.weight.requires_grad
+                )
             ),
             "autoencoder_plain": all(not isinstance(p, DTensor) for p in model.autoencoder.parameters()),
             "trainable_all_sharded": all(isinstance(p, DTensor) for p in trainable.values()),
@@ -108,14 +113,14 @@ def _worker(rank: int, port: int, out: str, mixed_precision: bool) -> None:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, *, mixed_precision: bool) -> list[dict]:
-    spawn(_worker, (free_port(), str(tmp_path), mixed_precision), nprocs=WORLD, timeout=240)
+def _run(tmp_path, *, mixed_precision: bool, switches: dict | None = None) -> list[dict]:
+    spawn(_worker, (free_port(), str(tmp_path), mixed_precision, switches), nprocs=WORLD, timeout=240)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _reference() -> dict[str, torch.nn.Parameter]:
+def _reference(switches: dict | None = None) -> dict[str, torch.nn.Parameter]:
     """The unsharded model's trainable parameters, with the gradient FSDP should produce."""
-    model = _model()
+    model = _model(switches)
     model.run_every_branch = True  # the same branches (and dropout draws) as the sharded ranks
     for rank in range(WORLD):
         for micro in range(2):
@@ -124,9 +129,12 @@ def _reference() -> dict[str, torch.nn.Parameter]:
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_the_unsharded_mean_gradient_across_divergent_ranks(tmp_path):
-    results = _run(tmp_path, mixed_precision=False)
-    trainable = _reference()
+@pytest.mark.parametrize("switches", [None, AUTHORS_BEHAVIOUR], ids=["ours", "authors"])
+def test_fsdp2_matches_the_unsharded_mean_gradient_across_divergent_ranks(tmp_path, switches):
+    """Also with the authors' behaviour (the xl preset's): fusion tokens from the patch
+    projection alone must still go through FSDP's hooks."""
+    results = _run(tmp_path, mixed_precision=False, switches=switches)
+    trainable = _reference(switches)
     missing = [n for n, p in trainable.items() if p.grad is None]
     assert not missing  # every sub-network took part on every rank
     for res in results:
