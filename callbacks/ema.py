@@ -28,6 +28,7 @@ class EMA(L.Callback):
         self.decay, self.update_every, self.warmup = decay, update_every, warmup
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
+        self._last_step: int | None = None  # the optimiser step the last update followed
 
     @staticmethod
     def _trainable(pl_module) -> dict[str, torch.nn.Parameter]:
@@ -47,8 +48,15 @@ class EMA(L.Callback):
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # once per optimiser step: with gradient accumulation most batches end without one
+        if trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
         if trainer.global_step % self.update_every:
             return
         decay = self.current_decay()

@@ -47,6 +47,7 @@ class ValidationSampling(L.Callback):
         self.metrics: dict | None = None
         self.truth: dict | None = None  # target path → judged sample, on the synthetic world
         self._baseline_logged = False
+        self._last_step: int | None = None  # the optimiser step the last check followed
 
     def on_fit_start(self, trainer, pl_module) -> None:
         cfg = dict(pl_module.hparams.eval_metrics or {})
@@ -72,7 +73,14 @@ class ValidationSampling(L.Callback):
             for task in Task:
                 self.metrics[task]["scene"] = SceneAccuracy(size=size)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # once per optimiser step: with gradient accumulation most batches end without one
+        if trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
         if trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 
