@@ -73,10 +73,6 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: dict[int, object] = {}  # the handlers this callback replaced
         self._last_step = -1
 
-    @property
-    def signalled(self) -> bool:
-        return self.received != NONE
-
     def _on_requeue_signal(self, signum, frame) -> None:  # noqa: ARG002 — signal handler signature
         self.received = max(self.received, REQUEUE)  # acted on between steps, see on_train_batch_end
 

@@ -12,16 +12,12 @@ bf16 trainer precision), else on a CPU the matrix-product throughput measured at
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from mige_lightning.flops import StepFlops, peak_flops
-
-log = logging.getLogger(__name__)
 
 
 def _batch_size(batch) -> int:

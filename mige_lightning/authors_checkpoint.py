@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from mige_lightning.models.presets import AUTHORS_BEHAVIOUR, MIGEConfig, get_config
+from mige_lightning.models.weights import tied_names
 
 FORMAT = "mige_lightning.authors/1"
 
@@ -349,8 +350,6 @@ def convert_authors(
         preset, overrides, {"t5": None, "blip2": None, "dit": None, "tokenizer": "byte", "vae": None}
     )
     state, others = read_authors_checkpoint(input_path, key=key)
-    from mige_lightning.models.weights import tied_names
-
     model = target_model(config)
     conversion = convert_state_dict(state, expected_shapes(model), tied=tied_names(model))
     report = {

@@ -14,8 +14,10 @@ matrix-product throughput measured on this machine (``measured_matmul_flops``).
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 # dense (no sparsity) tensor-core peak per GPU, FLOP/s, from the vendors' data sheets (SXM parts)
@@ -46,10 +48,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return measured_matmul_flops(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     if device.type != "cuda":
         return None
-    import warnings
-
-    from lightning.fabric.utilities.throughput import get_available_flops
-
     with warnings.catch_warnings():  # "FLOPs not found for 'NVIDIA H200'": our table has it
         warnings.simplefilter("ignore")
         known = get_available_flops(device, dtype)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,7 +28,7 @@ from mige_lightning.evaluation import BenchmarkEvaluator
 from mige_lightning.metrics import DEFAULT_CLIP_MODEL
 from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
-from mige_lightning.models.weights import load_weights
+from mige_lightning.models.weights import load_weights, weights_file
 from mige_lightning.pipeline import MIGEPipeline, check_task_defaults, make_scheduler
 from mige_lightning.prompt import PROMPT_STYLES, PROMPT_VERSION, Task, build_prompt
 from mige_lightning.sharding import enable_activation_checkpointing, shard_mige
@@ -123,8 +122,8 @@ class MIGELightningModule(L.LightningModule):
         check_task_defaults(task_defaults)
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"model.prompt_style: {prompt_style!r}; choose one of {PROMPT_STYLES}")
-        if init_weights is not None and not Path(init_weights).expanduser().exists():
-            raise FileNotFoundError(f"model.init_weights: '{init_weights}' does not exist")
+        if init_weights is not None:
+            weights_file(init_weights)  # exists and is safetensors: fail at start-up, not after the build
         self.diffusion = GaussianDiffusion(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,

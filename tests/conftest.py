@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import pytest
 import torch
 
@@ -49,3 +50,33 @@ def make_batch(config, counts: list[int], *, seed: int = 0) -> dict:
 
 def prompts_of(batch: dict) -> list[str]:
     return [build_prompt(t, i) for t, i in zip(batch["task"], batch["instruction"], strict=True)]
+
+
+class LinearModule(L.LightningModule):
+    """The smallest trainable LightningModule, for tests of callbacks and loop behaviour."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 1), batch_size=2)
+
+
+def bare_trainer(root, **kwargs) -> L.Trainer:
+    """A CPU Trainer with no logger, progress bar, model summary or checkpointing."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+        **kwargs,
+    )

@@ -5,43 +5,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning as L
 import torch
 
 from callbacks.ema import EMA
 from callbacks.validation_sampling import ValidationSampling
-
-
-class Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2)
+from tests.conftest import LinearModule, bare_trainer
 
 
 def test_ema_updates_once_per_optimiser_step_under_accumulation(tmp_path):
     torch.manual_seed(0)
     ema = EMA(decay=0.5, warmup=False)
-    module = Tiny()
-    trainer = L.Trainer(
-        max_steps=4,
-        accumulate_grad_batches=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[ema],
-    )
+    module = LinearModule()
+    trainer = bare_trainer(tmp_path, max_steps=4, accumulate_grad_batches=3, callbacks=[ema])
     trainer.fit(module)
     assert trainer.global_step == 4
     assert ema.num_updates == 4  # was 12: one per micro-batch, i.e. an effective decay of 0.5³

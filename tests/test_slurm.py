@@ -326,37 +326,17 @@ def test_sigterm_to_one_rank_checkpoints_on_both_and_exits_143_without_requeue(t
 def test_sigterm_in_a_single_process_run_checkpoints_after_the_step_and_sets_exit_code_143(tmp_path):
     import os
 
-    import lightning as L
-
     from callbacks.slurm_requeue import PreemptionCheckpoint
+    from tests.conftest import LinearModule, bare_trainer
 
-    class SelfTerminating(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(1, 1)
-
+    class SelfTerminating(LinearModule):
         def training_step(self, batch, batch_idx):
             if self.global_step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step
-            return self.layer(batch).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.ones(64, 1), batch_size=2)
+            return super().training_step(batch, batch_idx)
 
     callback = PreemptionCheckpoint()
-    trainer = L.Trainer(
-        max_steps=20,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = bare_trainer(tmp_path, max_steps=20, callbacks=[callback])
     previous = signal.getsignal(signal.SIGTERM)
     trainer.fit(SelfTerminating())
     assert trainer.global_step == 4 and callback.exit_code == 143

@@ -57,12 +57,10 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    # a tensor shared under several names is filled when the file has any one of them
     tied = tied_names(model)
-    missing = sorted(
-        k
-        for k in set(own) - set(state)
-        if not (k in tied and tied[k] in state) and k not in _non_tied(tied, state)
-    )
+    given = {tied.get(k, k) for k in state}
+    missing = sorted(k for k in own if tied.get(k, k) not in given)
     not_vae = [k for k in missing if not k.startswith("autoencoder.")]
     if unexpected or wrong or not_vae:
         problems = []
@@ -82,8 +80,3 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
     if missing:
         log.info("model.init_weights: %s has no autoencoder; it comes from model.pretrained.vae", file)
     return missing
-
-
-def _non_tied(tied: dict[str, str], state: dict) -> set[str]:
-    """First names of tied groups given in the file only under a later name (loaded through it)."""
-    return {first for name, first in tied.items() if name in state}
