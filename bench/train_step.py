@@ -40,10 +40,19 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build_on_device(preset: str, overrides: dict | None, device: str) -> MIGELightningModule:
+def build_on_device(
+    preset: str, overrides: dict | None, device: str, compile_dit: bool = False
+) -> MIGELightningModule:
     """The module on ``device``; on a GPU built there, sharded with FSDP2 over one rank (bf16
     compute, fp32 master weights) with activation checkpointing, as the paper config trains."""
-    kwargs = dict(p_drop_condition=0, p_drop_input=0, p_drop_both=0, warmup_steps=1, overrides=overrides)
+    kwargs = dict(
+        p_drop_condition=0,
+        p_drop_input=0,
+        p_drop_both=0,
+        warmup_steps=1,
+        overrides=overrides,
+        compile_dit=compile_dit,
+    )
     if device == "cpu":
         module = MIGELightningModule(preset, **kwargs)
         module.configure_model()
@@ -65,6 +74,9 @@ def build_on_device(preset: str, overrides: dict | None, device: str) -> MIGELig
     shard_mige(
         module.model, init_device_mesh(device, (1,)), mixed_precision=True, activation_checkpointing=True
     )
+    if compile_dit:
+        for block in module.model.dit.transformer_blocks:
+            block.compile()
     return module
 
 
@@ -72,10 +84,19 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def bench(preset: str, *, steps: int, batch: int, images: int, device: str = "cpu", overrides=None) -> dict:
+def bench(
+    preset: str,
+    *,
+    steps: int,
+    batch: int,
+    images: int,
+    device: str = "cpu",
+    overrides=None,
+    compile_dit=False,
+) -> dict:
     torch.manual_seed(0)
     before = rss_mb()
-    module = build_on_device(preset, overrides, device)
+    module = build_on_device(preset, overrides, device, compile_dit)
     module.model.train()
     opt = module.configure_optimizers()["optimizer"]
     data = to_device(make_batch(module.config, [images] * batch), device)
@@ -84,6 +105,7 @@ def bench(preset: str, *, steps: int, batch: int, images: int, device: str = "cp
     total = sum(p.numel() for p in module.model.parameters())
     times = []
     counter = StepFlops()
+    first_two = time.perf_counter()
     for i in range(steps + 2):
         if cuda:
             torch.cuda.synchronize()
@@ -98,6 +120,8 @@ def bench(preset: str, *, steps: int, batch: int, images: int, device: str = "cp
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        if i == 1:
+            first_two = time.perf_counter() - first_two  # includes compilation with --compile
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -118,6 +142,8 @@ def bench(preset: str, *, steps: int, batch: int, images: int, device: str = "cp
         "refs_per_sample": images,
         "step_s_median": statistics.median(times),
         "step_s_min": min(times),
+        "warmup_two_steps_s": first_two,
+        "compile_dit": compile_dit,
         "peak_rss_growth_MB": rss_mb() - before,
     }
 
@@ -134,6 +160,7 @@ def main() -> None:
     ap.add_argument(
         "--overrides", default=None, help="JSON model.overrides, e.g. fewer T5 blocks to fit one GPU"
     )
+    ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block (model.compile_dit)")
     args = ap.parse_args()
     overrides = json.loads(args.overrides) if args.overrides else None
     print(
@@ -148,21 +175,22 @@ def main() -> None:
                 images=args.images,
                 device=args.device,
                 overrides=overrides,
+                compile_dit=args.compile,
             )
             print(json.dumps(r, indent=1), flush=True)
         return
     print(
         "| preset | params (trainable / total) | res | batch | refs | step s (median / min) | peak RSS growth "
-        "| GFLOP per step | achieved / measured matmul GFLOP/s = ratio |"
+        "| GFLOP per step | achieved / measured matmul GFLOP/s = ratio | DiT compiled | first two steps s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
-        r = bench(preset, steps=args.steps, batch=args.batch, images=args.images)
+        r = bench(preset, steps=args.steps, batch=args.batch, images=args.images, compile_dit=args.compile)
         print(
             f"| {r['preset']} | {r['params_trainable_M']:.2f} M / {r['params_total_M']:.2f} M | {r['resolution']} "
             f"| {r['batch']} | {r['refs_per_sample']} | {r['step_s_median']:.3f} / {r['step_s_min']:.3f} "
             f"| {r['peak_rss_growth_MB']:.0f} MB | {r['step_gflop']:.1f} | {r['achieved_tflops'] * 1e3:.1f} "
-            f"/ {r['peak_tflops'] * 1e3:.0f} = {r['mfu']:.1%} |",
+            f"/ {r['peak_tflops'] * 1e3:.0f} = {r['mfu']:.1%} | {r['compile_dit']} | {r['warmup_two_steps_s']:.1f} |",
             flush=True,
         )
 

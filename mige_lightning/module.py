@@ -31,7 +31,7 @@ from mige_lightning.models.autoencoder import PixelAutoencoder
 from mige_lightning.models.weights import load_weights, weights_file
 from mige_lightning.pipeline import MIGEPipeline, check_task_defaults, make_scheduler
 from mige_lightning.prompt import PROMPT_STYLES, PROMPT_VERSION, Task, build_prompt
-from mige_lightning.sharding import enable_activation_checkpointing, shard_mige
+from mige_lightning.sharding import build_sharded_mige, enable_activation_checkpointing, shard_mige
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,13 @@ class MIGELightningModule(L.LightningModule):
     init_weights: start from these weights (``model.safetensors`` or its folder, e.g. written by
         ``convert-authors`` or ``export``) instead of the pretrained sources; the autoencoder may be
         absent from the file (it comes from ``pretrained.vae``). A ``--ckpt_path`` still wins.
+    meta_init: under FSDP2 (``ModelParallelStrategy``), build on the meta device and give each
+        rank only its shards — drawn per module from the run's seed, pretrained tensors read row
+        by row from their safetensors files — so no rank holds the whole model. ``false``: every
+        rank builds the whole model first (the constructors' draws), then shards it.
+    compile_dit: ``torch.compile`` each DiT transformer block (``nn.Module.compile``, in place:
+        names and checkpoints are unchanged) once the model is built; the first steps pay for the
+        compilation (docs/BENCHMARKS.md has the measured trade-off).
     max_nonfinite_steps: a step whose loss or gradients are not finite (on any rank) is skipped on
         every rank — no optimiser update, so weights and EMA stay finite — and counted
         (``train/skipped_nonfinite``); this many in a row stop the run with an error.
@@ -114,6 +121,8 @@ class MIGELightningModule(L.LightningModule):
         max_nonfinite_steps: int = 3,
         prompt_style: str = "training",
         init_weights: str | None = None,
+        meta_init: bool = True,
+        compile_dit: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -142,15 +151,33 @@ class MIGELightningModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build the networks (pretrained loads happen here, on the target device / under sharding)."""
         if self.model is None:
-            self.model = build_mige(self.config)
-            if self.hparams.init_weights:  # before sharding: every rank loads the full tensors
-                load_weights(self.model, self.hparams.init_weights)
-            if self.hparams.gradient_checkpointing:
-                enable_activation_checkpointing(self.model)
-            if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (mige_lightning/sharding.py)
-                shard_mige(self.model, self.device_mesh, mixed_precision=self.hparams.fsdp_mixed_precision)
+            self.model = self._build()
+            if self.hparams.compile_dit:
+                for block in self.model.dit.transformer_blocks:
+                    block.compile()
         # runs after the data module's setup and before its dataloaders are built
         self.connect_datamodule()
+
+    def _build(self) -> MIGE:
+        if self.device_mesh is not None and self.hparams.meta_init:
+            # ModelParallelStrategy (FSDP2): built on the meta device and materialised one unit at a
+            # time, so no rank ever holds the whole model (mige_lightning/sharding.py)
+            return build_sharded_mige(
+                self.config,
+                self.device_mesh,
+                seed=self.trainer.strategy.broadcast(torch.initial_seed()),  # one draw on every rank
+                init_weights=self.hparams.init_weights,
+                mixed_precision=self.hparams.fsdp_mixed_precision,
+                activation_checkpointing=self.hparams.gradient_checkpointing,
+            )
+        model = build_mige(self.config)
+        if self.hparams.init_weights:  # every rank loads the full tensors
+            load_weights(model, self.hparams.init_weights)
+        if self.hparams.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        if self.device_mesh is not None:  # ModelParallelStrategy, meta_init: false
+            shard_mige(model, self.device_mesh, mixed_precision=self.hparams.fsdp_mixed_precision)
+        return model
 
     def connect_datamodule(self, datamodule=None) -> None:
         """Hand the data module the model's image sizes, reference limit and VAE identity."""

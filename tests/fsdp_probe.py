@@ -1,7 +1,8 @@
 """Helpers for the FSDP / SLURM tests (not a test module): the environment and config overlay for
 ``python -m mige_lightning fit`` subprocesses, and a probe callback those runs carry.
 
-``Probe``: each rank writes ``<out>/rank<r>.json``: per training batch the global step, the loss and the
+``Probe``: rank 0 writes ``<out>/start.pt`` (the gathered weights at fit start, and the model
+config); each rank writes ``<out>/rank<r>.json``: per training batch the global step, the loss and the
 sample indices; the sizes of its parameter shards; the optimiser's parameters. Rank 0 also writes
 ``<out>/ema.pt`` (the full EMA weights, gathered) and, with ``sample=True``, ``<out>/latents.pt``:
 one image sampled by the sharded model at the end of fit (every rank runs the pipeline).
@@ -132,6 +133,13 @@ class Probe(L.Callback):
     def __init__(self, out: str, *, sample: bool = False):
         self.out, self.sample = Path(out), sample
         self.rows: list[dict] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # the weights the sharded start produced (before any step), gathered; with the model config
+        start = {n: _full(t) for n, t in pl_module.model.state_dict().items()}  # a collective for DTensors
+        if trainer.is_global_zero:
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": start, "config": pl_module.config}, self.out / "start.pt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

@@ -45,3 +45,9 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
         # drawn on the CPU whatever the default device (a meta-device build gets the same shape)
         null = torch.randn(null_length, text_dim, generator=gen, device="cpu") / math.sqrt(text_dim)
         self.register_buffer("null_condition", null)  # [L, D], persistent: saved with the model
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The learned queries' draw (the fusion and projection reset themselves); the null
+        condition is a fixed buffer, not a weight."""
+        self.query_tokens.normal_(0.0, self.config.init_std)

@@ -26,11 +26,18 @@ def build_dit(
     caption_channels: int,
     source: str | None = None,
     subfolder: str | None = None,
+    weights: bool = True,
 ) -> PixArtTransformer2DModel:
+    """weights=False: a pretrained source's architecture only (its config), for a skeleton build."""
     in_channels, out_channels = 2 * latent_channels, 2 * latent_channels
     if source is not None:
         src = resolve_source(source, key="model.pretrained.dit")
-        dit = PixArtTransformer2DModel.from_pretrained(src, subfolder=subfolder)
+        if weights:
+            dit = PixArtTransformer2DModel.from_pretrained(src, subfolder=subfolder)
+        else:
+            dit = PixArtTransformer2DModel.from_config(
+                PixArtTransformer2DModel.load_config(src, subfolder=subfolder)
+            )
         if dit.config.caption_channels != caption_channels:
             raise ValueError(
                 f"model.pretrained.dit: '{source}' expects {dit.config.caption_channels}-d captions "

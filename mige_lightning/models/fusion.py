@@ -33,6 +33,10 @@ class FeatureFusion(nn.Module):
         self.attn = nn.MultiheadAttention(semantic_dim, num_heads, batch_first=True)
         self.out_proj = nn.Linear(semantic_dim, semantic_dim)
         self.out_norm = nn.LayerNorm(semantic_dim, eps=eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own rule (its layers reset themselves first): the zero output projection."""
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 

@@ -6,10 +6,13 @@ The module knows nothing of Lightning, losses or data files; guidance belongs to
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from diffusers import PixArtTransformer2DModel
 from torch import nn
 from transformers import (
+    Blip2Config,
     Blip2QFormerConfig,
     Blip2QFormerModel,
     Blip2VisionConfig,
@@ -22,8 +25,10 @@ from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder, build_autoencoder
 from mige_lightning.models.dit import build_dit, patch_tokens
 from mige_lightning.models.encoder import MultimodalEncoder, in_graph_zero
+from mige_lightning.models.init import initialize_model, module_seed, skip_prefixes
 from mige_lightning.models.loading import (
     BYTE_TOKENIZER,
+    Blip2Parts,
     load_blip2_parts,
     load_tensor_file,
     load_tokenizer,
@@ -205,11 +210,71 @@ class MIGE(nn.Module):
         ).sample
 
 
-def build_mige(config: MIGEConfig) -> MIGE:
-    """Build every component from its pretrained source when one is given, else from config."""
+@contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside lands on the meta device as it is registered, so the
+    initialisers that constructors run afterwards cost nothing; buffers (position tables, the
+    null condition) are computed for real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_mige(config: MIGEConfig, *, seed: int | None = None, skeleton: bool = False) -> MIGE:
+    """Build every component from its pretrained source when one is given, else from config.
+
+    seed: when given, each randomly initialised module draws its weights from this seed and its
+        own name (``models/init.py``), whatever the global random state and however the model is
+        built; ``None`` keeps the constructors' draws from the global generator.
+    skeleton: the shapes only (for ``sharding.build_sharded_mige``, which materialises, initialises
+        and loads the weights one FSDP unit at a time): parameters on the meta device, pretrained
+        components built from their configs without reading their weights; buffers and the frozen
+        autoencoder are real. Needs ``seed``.
+    """
+    if skeleton and seed is None:
+        raise ValueError("build_mige(skeleton=True) needs a seed: the weights are drawn later, per unit")
+    if seed is None:
+        return _build(config, skeleton=False, autoencoder=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(seed, "autoencoder"))
+        autoencoder = build_autoencoder(
+            config.vae, source=config.pretrained.vae, subfolder=config.pretrained.vae_subfolder
+        )
+    if skeleton:
+        with parameters_on_meta(), torch.random.fork_rng(devices=[]):
+            return _build(config, skeleton=True, autoencoder=autoencoder)
+    parts: list[Blip2Parts] = []
+    with torch.random.fork_rng(devices=[]):
+        model = _build(config, skeleton=False, autoencoder=autoencoder, blip2_parts_out=parts)
+    initialize_model(model, seed, skip=skip_prefixes(config))
+    # pretrained values inside the otherwise random adapter go in after its random draw
+    _load_adapter_parts(model.encoder.adapter, config, parts[0] if parts else None)
+    return model
+
+
+def _build(
+    config: MIGEConfig,
+    *,
+    skeleton: bool,
+    autoencoder: KLAutoencoder | PixelAutoencoder | None,
+    blip2_parts_out: list[Blip2Parts] | None = None,
+) -> MIGE:
+    """The components; ``blip2_parts_out`` (a list) receives the BLIP-2 parts instead of their
+    being copied into the adapter here (``build_mige`` copies them after the seeded draw)."""
     src = config.pretrained
     # 1. text side: T5 encoder and its tokenizer
-    if src.t5 is not None:
+    if src.t5 is not None and skeleton:
+        t5 = T5EncoderModel(T5Config.from_pretrained(resolve_source(src.t5, key="model.pretrained.t5")))
+    elif src.t5 is not None:
         t5 = T5EncoderModel.from_pretrained(resolve_source(src.t5, key="model.pretrained.t5"))
     else:
         t5 = T5EncoderModel(T5Config(**config.t5))
@@ -221,8 +286,11 @@ def build_mige(config: MIGEConfig) -> MIGE:
     d_text = t5.config.d_model
 
     # 2. image side: BLIP-2 vision tower, Q-Former, query tokens, language projection
-    pretrained_parts = None
-    if src.blip2 is not None:
+    if src.blip2 is not None and skeleton:
+        blip2 = Blip2Config.from_pretrained(resolve_source(src.blip2, key="model.pretrained.blip2"))
+        vision, qformer = Blip2VisionModel(blip2.vision_config), Blip2QFormerModel(blip2.qformer_config)
+        num_queries = blip2.num_query_tokens
+    elif src.blip2 is not None:
         pretrained_parts = load_blip2_parts(src.blip2)
         vision, qformer = pretrained_parts.vision, pretrained_parts.qformer
         num_queries = pretrained_parts.query_tokens.shape[1]
@@ -233,7 +301,8 @@ def build_mige(config: MIGEConfig) -> MIGE:
         num_queries = config.num_query_tokens
 
     # 3. frozen autoencoder, then the DiT whose channels and sample size follow from it
-    autoencoder = build_autoencoder(config.vae, source=src.vae, subfolder=src.vae_subfolder)
+    if autoencoder is None:
+        autoencoder = build_autoencoder(config.vae, source=src.vae, subfolder=src.vae_subfolder)
     if config.resolution % autoencoder.downsample_factor:
         raise ValueError(f"model.resolution={config.resolution} is not divisible by the VAE factor")
     dit = build_dit(
@@ -243,6 +312,7 @@ def build_mige(config: MIGEConfig) -> MIGE:
         caption_channels=d_text,
         source=src.dit,
         subfolder=src.dit_subfolder,
+        weights=not skeleton,
     )
 
     # 4. what MIGE adds: queries, fusion, projection, null condition
@@ -259,28 +329,12 @@ def build_mige(config: MIGEConfig) -> MIGE:
         fusion_position_embedding=config.fusion_position_embedding,
         null_condition_length=config.null_condition_length,
     )
-    with torch.no_grad():
-        if pretrained_parts is not None:
-            adapter.query_tokens.copy_(pretrained_parts.query_tokens)
-            projection_state = pretrained_parts.language_projection
-            if projection_state:
-                if projection_state["weight"].shape != adapter.projection.weight.shape:
-                    raise ValueError(
-                        f"model.pretrained.blip2: language_projection is {tuple(projection_state['weight'].shape)}, "
-                        f"but Q-Former → T5 needs {tuple(adapter.projection.weight.shape)}; "
-                        "use a BLIP-2 built on the same LLM width"
-                    )
-                adapter.projection.load_state_dict(projection_state)
-        if src.null_embedding is not None:
-            null = load_tensor_file(src.null_embedding)
-            if null.ndim == 3:
-                null = null[0]
-            if null.shape[-1] != d_text:
-                raise ValueError(
-                    f"model.pretrained.null_embedding: width {null.shape[-1]} != T5 width {d_text}"
-                )
-            adapter.null_condition = null.float().clone()
-            adapter.register_to_config(null_length=null.shape[0])
+    parts = pretrained_parts if src.blip2 is not None and not skeleton else None
+    if blip2_parts_out is not None:
+        blip2_parts_out.extend([parts] if parts is not None else [])
+        parts = None
+    # a skeleton's adapter takes the null condition (a real buffer) here, its weights later
+    _load_adapter_parts(adapter, config, parts)
 
     encoder = MultimodalEncoder(
         vision=vision,
@@ -292,3 +346,29 @@ def build_mige(config: MIGEConfig) -> MIGE:
         train_vision_norm=config.train_vision_norm,
     )
     return MIGE(encoder=encoder, dit=dit, autoencoder=autoencoder)
+
+
+@torch.no_grad()
+def _load_adapter_parts(adapter: ConditionAdapter, config: MIGEConfig, parts: Blip2Parts | None) -> None:
+    """Pretrained values of the adapter: BLIP-2's query tokens and projection, the null caption."""
+    src = config.pretrained
+    d_text = adapter.config.text_dim
+    if parts is not None:
+        adapter.query_tokens.copy_(parts.query_tokens)
+        projection_state = parts.language_projection
+        if projection_state:
+            if projection_state["weight"].shape != adapter.projection.weight.shape:
+                raise ValueError(
+                    f"model.pretrained.blip2: language_projection is {tuple(projection_state['weight'].shape)}, "
+                    f"but Q-Former → T5 needs {tuple(adapter.projection.weight.shape)}; "
+                    "use a BLIP-2 built on the same LLM width"
+                )
+            adapter.projection.load_state_dict(projection_state)
+    if src.null_embedding is not None:
+        null = load_tensor_file(src.null_embedding)
+        if null.ndim == 3:
+            null = null[0]
+        if null.shape[-1] != d_text:
+            raise ValueError(f"model.pretrained.null_embedding: width {null.shape[-1]} != T5 width {d_text}")
+        adapter.null_condition = null.float().clone()
+        adapter.register_to_config(null_length=null.shape[0])
