@@ -34,8 +34,7 @@ def main() -> None:
     callbacks = (
         "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}, "
         "{class_path: callbacks.ema.EMA, init_args: {decay: 0.995}}, "
-        "{class_path: callbacks.validation_sampling.ValidationSampling, init_args: "
-        f"{{every_n_steps: {args.every}, num_per_task: null, num_inference_steps: null, log_images: false}}}}]"
+        "{class_path: callbacks.validation_metrics.ValidationMetrics, init_args: {log_images: false}}]"
     )
     cmd = [
         sys.executable,
@@ -47,6 +46,7 @@ def main() -> None:
         "--trainer.max_steps=-1",
         f"--trainer.max_time=00:{h:02d}:{m // 60:02d}:{m % 60:02d}",
         f"--trainer.callbacks={callbacks}",
+        f"--trainer.val_check_interval={args.every}",
         f"--trainer.logger.init_args.save_dir={args.runs}",
         "--trainer.enable_progress_bar=false",
     ]

@@ -8,8 +8,6 @@ them into the distributed checkpoint as shards (``mige_lightning/checkpoint_stat
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
@@ -20,12 +18,22 @@ class EMA(L.Callback):
     decay: EMA decay per update.
     update_every: update every N optimiser steps.
     warmup: use ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by init.
+    validate_with_ema: swap the EMA weights in for Lightning's validation loop (and back after).
     """
 
-    def __init__(self, decay: float = 0.9999, *, update_every: int = 1, warmup: bool = True):
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        *,
+        update_every: int = 1,
+        warmup: bool = True,
+        validate_with_ema: bool = True,
+    ):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.update_every, self.warmup = decay, update_every, warmup
+        self.validate_with_ema = validate_with_ema
+        self._backup: dict[str, torch.Tensor] | None = None  # the trained weights while validating
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
         self._last_step: int | None = None  # the optimiser step the last update followed
@@ -67,20 +75,28 @@ class EMA(L.Callback):
         )
         self.num_updates += 1
 
-    @contextmanager
-    def swapped_in(self, pl_module):
-        """Temporarily put the EMA weights into the model (e.g. for validation sampling)."""
-        params = self._trainable(pl_module)
-        backup = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
+    # Lightning's validation loop samples with the EMA weights (callbacks/validation_metrics.py)
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.validate_with_ema and self.shadow and self._backup is None:
+            params = self._trainable(pl_module)
+            self._backup = {n: p.detach().clone() for n, p in params.items()}
             with torch.no_grad():
                 for n, p in params.items():
-                    p.copy_(backup[n])
+                    p.copy_(self.shadow[n])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._restore(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore(pl_module)  # never leave the EMA weights in the trained model
+
+    def _restore(self, pl_module) -> None:
+        if self._backup is None:
+            return
+        with torch.no_grad():
+            for n, p in self._trainable(pl_module).items():
+                p.copy_(self._backup[n])
+        self._backup = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # shards stay where they are: the strategy writes each rank's part

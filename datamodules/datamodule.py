@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.benchmarks import BenchmarkDataset, read_benchmark
 from datamodules.dataset import MIGEDataset, collate
+from datamodules.heldout import HeldOutBatches, RankLocalSampler, as_is, shard_heldout
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
 from datamodules.requests import RequestDataset, collate_requests, read_requests
@@ -88,8 +89,12 @@ class MIGEDataModule(L.LightningDataModule):
     latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
     predict_requests: JSONL request file for ``predict`` (``datamodules/requests.py``); bad requests
         are reported with their line and skipped.
-    val_manifests: held-out records for validation sampling (``callbacks.ValidationSampling``);
-        with ``synthetic``, its ``heldout`` split is added.
+    val_manifests: held-out records for Lightning's validation loop (sampled in the module's
+        ``validation_step``, scored by ``callbacks.validation_metrics.ValidationMetrics``); with
+        ``synthetic``, its ``heldout`` split is added. When and how much: ``trainer.val_check_interval``
+        / ``check_val_every_n_epoch`` / ``limit_val_batches``.
+    val_per_task: the first this-many held-out records of each task (null: all).
+    val_batch_size: held-out requests sampled together (one task per batch).
     benchmark: test set for ``test`` (``datamodules/benchmarks.py``), e.g.
         ``{name: magicbrush, root: /data/MagicBrush/test, reference: target, turns: single}``.
     """
@@ -112,6 +117,8 @@ class MIGEDataModule(L.LightningDataModule):
         predict_batch_size: int = 4,
         benchmark: dict[str, Any] | None = None,
         val_manifests: list[dict[str, Any]] | None = None,
+        val_per_task: int | None = None,
+        val_batch_size: int = 8,
         resolution: int | None = None,
         vision_resolution: int | None = None,
         vision_mean: tuple[float, float, float] | None = None,
@@ -138,6 +145,8 @@ class MIGEDataModule(L.LightningDataModule):
             check_manifest_spec(spec, i, key="data.val_manifests")
             for i, spec in enumerate(val_manifests or [])
         ]
+        self.val_per_task = val_per_task
+        self.val_batch_size = val_batch_size
         self.resolution = resolution
         self.vision_resolution = vision_resolution
         self.vision_mean = vision_mean
@@ -307,6 +316,20 @@ class MIGEDataModule(L.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """This rank's held-out batches (``datamodules/heldout.py``); none without held-out records."""
+        records = self.val_records()
+        if not records:
+            return []
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        batches = shard_heldout(
+            records, world=world, rank=rank, batch_size=self.val_batch_size, per_task=self.val_per_task
+        )
+        return DataLoader(
+            HeldOutBatches(batches), batch_size=None, sampler=RankLocalSampler(len(batches)), collate_fn=as_is
         )
 
     def predict_dataloader(self) -> DataLoader:

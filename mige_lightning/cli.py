@@ -50,6 +50,8 @@ TRAINER_DEFAULTS = {
             "init_args": {"logging_interval": "step"},
         },
         {"class_path": "callbacks.throughput.MFUMonitor"},  # samples / tokens / FLOP per s, MFU
+        # scores Lightning's validation loop (held-out requests sampled in validation_step)
+        {"class_path": "callbacks.validation_metrics.ValidationMetrics"},
     ],
 }
 

@@ -178,21 +178,24 @@ class DINOScore(_Backbone):
     """cos(DINO(output), DINO(reference)) per sample."""
 
     def update(self, outputs: Sequence[PIL.Image.Image], references: Sequence[PIL.Image.Image]) -> None:
-        self._accumulate(_cos(self.embedder(outputs), self.embedder(references)))
+        if len(outputs):  # a rank with nothing to score still syncs its (empty) sums
+            self._accumulate(_cos(self.embedder(outputs), self.embedder(references)))
 
 
 class CLIPImageScore(_Backbone):
     """cos(CLIP(output), CLIP(reference)) per sample."""
 
     def update(self, outputs: Sequence[PIL.Image.Image], references: Sequence[PIL.Image.Image]) -> None:
-        self._accumulate(_cos(self.embedder.images(outputs), self.embedder.images(references)))
+        if len(outputs):
+            self._accumulate(_cos(self.embedder.images(outputs), self.embedder.images(references)))
 
 
 class CLIPTextScore(_Backbone):
     """cos(CLIP image embedding, CLIP caption embedding) per sample."""
 
     def update(self, outputs: Sequence[PIL.Image.Image], captions: Sequence[str]) -> None:
-        self._accumulate(_cos(self.embedder.images(outputs), self.embedder.texts(captions)))
+        if len(outputs):
+            self._accumulate(_cos(self.embedder.images(outputs), self.embedder.texts(captions)))
 
 
 class CLIPDirectionalScore(_Backbone):
@@ -205,6 +208,8 @@ class CLIPDirectionalScore(_Backbone):
         input_captions: Sequence[str],
         output_captions: Sequence[str],
     ) -> None:
+        if not len(outputs):
+            return
         e = self.embedder
         img = F.normalize(
             F.normalize(e.images(outputs), dim=-1) - F.normalize(e.images(sources), dim=-1), dim=-1
@@ -227,7 +232,8 @@ class _PixelError(MeanScore):
         for out, ref in zip(outputs, references, strict=True):
             out = out.convert("RGB").resize(ref.size, PIL.Image.BICUBIC)  # output → reference's size
             values.append((_pixels(out) - _pixels(ref)).abs().pow(self.power).mean())
-        self._accumulate(torch.stack(values))
+        if values:
+            self._accumulate(torch.stack(values))
 
 
 class L1Distance(_PixelError):

@@ -403,6 +403,28 @@ class MIGELightningModule(L.LightningModule):
                 params[name].copy_(value)
         return True
 
+    # --------------------------------------------------------------------------------- validation
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate" and self.hparams.sample_with_ema and self.use_ema_weights():
+            log.info("validating with the checkpoint's EMA weights")  # in fit, the EMA callback swaps
+        self._val_pipe = self.pipeline()
+        self._val_pipe.set_progress_bar_config(disable=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        """One held-out batch (one task, ``datamodules/heldout.py``) → ``{"images": [PIL]}``, sampled
+        with the task defaults (``model.eval_num_inference_steps`` overrides the step count) and
+        per-record seeds; scored by ``callbacks.validation_metrics.ValidationMetrics``."""
+        out = self._val_pipe(
+            batch["instruction"],
+            task=batch["task"],
+            images=batch["references"],
+            source=batch["source"],
+            num_inference_steps=self.hparams.eval_num_inference_steps,
+            seeds=[self.hparams.predict_seed + item.index for item in batch["items"]],
+            batch_invariant=False,  # one forward per step for the whole batch: validation speed
+        )
+        return {"images": out.images}
+
     def on_predict_start(self) -> None:
         self._sampling_with_ema = bool(self.hparams.sample_with_ema and self.use_ema_weights())
         if self._sampling_with_ema:

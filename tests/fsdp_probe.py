@@ -179,3 +179,22 @@ class Probe(L.Callback):
                 latents = sample(pl_module)
             if trainer.is_global_zero:
                 torch.save(latents, self.out / "latents.pt")
+
+
+class ValidationProbe(L.Callback):
+    """After the validation epoch: each rank's own count of scored records per
+    task (its L1 metric's local state; ``compute`` syncs only a copy) and the values logged."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # the epoch's values are logged by now
+        from callbacks.validation_metrics import ValidationMetrics
+
+        metrics = next(c for c in trainer.callbacks if isinstance(c, ValidationMetrics)).metrics
+        info = {
+            "counts": {task.value: int(m["l1"].count) for task, m in metrics.items()},
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")},
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))

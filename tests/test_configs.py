@@ -130,9 +130,9 @@ def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
         str(REPO / "configs/demo.yaml"),
         "--trainer.max_steps=8",
         "--trainer.log_every_n_steps=2",
-        # the last demo callback is ValidationSampling: sample every 4 steps with 2 sampler steps
-        "--trainer.callbacks.init_args.every_n_steps=4",
-        "--trainer.callbacks.init_args.num_inference_steps=2",
+        # Lightning's validation loop every 4 batches, 2 sampler steps
+        "--trainer.val_check_interval=4",
+        "--model.eval_num_inference_steps=2",
         f"--data.synthetic={{root: {tmp_path}/world, num_samples: 64, size: 32, seed: 0}}",
     ]
     cli = _fit(args, tmp_path, monkeypatch)

@@ -61,6 +61,7 @@ def train_memoriser(root: Path, run_dir: Path, *, steps: int = STEPS, seed: int 
         enable_model_summary=False,
         gradient_clip_val=1.0,
         default_root_dir=run_dir,
+        limit_val_batches=0,  # trains only: the held-out half is sampled after training
     )
     trainer.fit(module, datamodule=data)
     module.model.eval()

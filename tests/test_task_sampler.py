@@ -147,6 +147,7 @@ def _fit_tiny_mige(world: Path, root: Path, max_steps: int, ckpt_path: str | Non
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
+        limit_val_batches=0,  # training only: the exact-resume check compares training losses
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -30,6 +30,7 @@ def test_mfu_monitor_counts_the_real_step_and_logs_throughput_and_mfu(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        limit_val_batches=0,  # the training throughput only
         callbacks=[monitor],
     )
     data = MIGEDataModule(
