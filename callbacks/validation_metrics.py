@@ -111,7 +111,9 @@ class ValidationMetrics(L.Callback):
             values.update(self._compute(self.baseline, "val_baseline"))
             self._baseline_logged = True
         for name, value in values.items():  # already summed over ranks: the same on every rank
-            pl_module.log(name, value, prog_bar=name.endswith(("scene_acc", "/l1")))
+            # the progress bar shows one figure per task: the judge's scene accuracy, else L1
+            shown = "scene_acc" if self.truth is not None else "l1"
+            pl_module.log(name, value, prog_bar=name.startswith("val/") and name.endswith(f"/{shown}"))
         if values and not trainer.sanity_checking:
             # the x-axis of these values: the optimiser steps taken (Lightning's default for
             # validation inside an epoch is one less), as the grids and checkpoint names use
