@@ -19,12 +19,17 @@ PREDICT_OVERLAYS = [p for p in CONFIGS if p.parent.name == "predict"]  # exercis
 TRAINER_OVERLAYS = [p for p in CONFIGS if p.parent.name == "trainer"]  # 2-process runs in test_fsdp.py
 # overlays on the demo: the synthetic benchmark (test_synthetic_eval.py) and the replication settings
 DEMO_OVERLAYS = [REPO / "configs/eval/synthetic.yaml"]
+# benchmark overlays on configs/eval/base.yaml
+EVAL_OVERLAYS = [
+    p for p in CONFIGS if p.parent.name == "eval" and p.name not in ("base.yaml", "synthetic.yaml")
+]
 EXPERIMENTS = [p for p in CONFIGS if p.parent.name == "experiments" and p.name != "mutual.yaml"]
 MAIN_CONFIGS = [
     p
     for p in CONFIGS
-    if p not in OVERLAYS + PREDICT_OVERLAYS + TRAINER_OVERLAYS + DEMO_OVERLAYS + EXPERIMENTS
+    if p not in OVERLAYS + PREDICT_OVERLAYS + TRAINER_OVERLAYS + DEMO_OVERLAYS + EXPERIMENTS + EVAL_OVERLAYS
     and p.parent.name != "experiments"
+    and p != REPO / "configs/eval/base.yaml"  # not alone: under each benchmark overlay (CONFIG_SETS)
 ]
 CPU_STEP = [
     "--trainer.accelerator=cpu",
@@ -58,15 +63,30 @@ def test_configs_are_found():
     assert any(p.name == "demo.yaml" for p in MAIN_CONFIGS) and OVERLAYS
 
 
-@pytest.mark.parametrize("config", MAIN_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_config_parses_and_runs_one_step(config, tmp_path, monkeypatch):
+CONFIG_SETS = [[p] for p in MAIN_CONFIGS] + [[REPO / "configs/eval/base.yaml", p] for p in EVAL_OVERLAYS]
+
+
+@pytest.mark.parametrize(
+    "configs", CONFIG_SETS, ids=lambda ps: " + ".join(str(p.relative_to(REPO / "configs")) for p in ps)
+)
+def test_config_parses_and_runs_one_step(configs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # the whole file as shipped (only the device moved to CPU): every key is type-checked and the
+    # the files as shipped (only the device moved to CPU): every key is type-checked and the
     # model's start-up validation (preset, overrides, pretrained paths) runs
-    parsed = main(["--config", str(config), *CPU_STEP[:3]], run=False)
-    raw = yaml.safe_load(config.read_text())
+    config_args = [a for p in configs for a in ("--config", str(p))]
+    parsed = main([*config_args, *CPU_STEP[:3]], run=False)
+    raw = {}
+    for p in configs:  # what the composed files say (later files win per top-level key section)
+        for section, values in yaml.safe_load(p.read_text()).items():
+            raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     assert parsed.model.hparams.preset == raw["model"]["preset"]
-    args = ["--config", str(config), *CPU_STEP]
+    if len(configs) > 1:  # a benchmark overlay: its report and benchmark on the base's model
+        name = yaml.safe_load(configs[-1].read_text())["data"]["benchmark"]["name"]
+        assert parsed.datamodule.benchmark["name"] == name
+        reports = [c for c in parsed.trainer.callbacks if type(c).__name__ == "BenchmarkReport"]
+        assert len(reports) == 1 and reports[0].benchmark == name
+        assert parsed.model.hparams.eval_metrics["clip_model"] == "ViT-B-32-quickgelu"
+    args = [*config_args, *CPU_STEP]
     if raw["model"]["preset"] != "tiny":
         # the step itself runs at tiny size: same recipe, no downloads
         args += [
