@@ -15,8 +15,8 @@ import pytest
 import torch
 from jsonargparse import Namespace
 
-from callbacks.slurm_requeue import next_hpc_checkpoint, slurm_job_id
-from mige_lightning.slurm import newest_checkpoint, use_job_run_dir
+from callbacks.slurm_requeue import next_hpc_checkpoint
+from mige_lightning.slurm import newest_checkpoint, slurm_job_id, use_job_run_dir
 from tests.fsdp_probe import cli_env, fit_command, write_overlay
 from tests.test_sharding import free_port
 
