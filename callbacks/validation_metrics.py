@@ -114,7 +114,7 @@ class ValidationMetrics(L.Callback):
             # the progress bar shows one figure per task: the judge's scene accuracy, else L1
             shown = "scene_acc" if self.truth is not None else "l1"
             pl_module.log(name, value, prog_bar=name.startswith("val/") and name.endswith(f"/{shown}"))
-        if values and not trainer.sanity_checking:
+        if values and trainer.state.fn == "fit" and not trainer.sanity_checking:
             # the x-axis of these values: the optimiser steps taken (Lightning's default for
             # validation inside an epoch is one less), as the grids and checkpoint names use
             pl_module.log("step", float(trainer.global_step))

@@ -131,4 +131,8 @@ def test_checkpoint_keeps_the_best_by_val_edit_l1_under_accumulation(tmp_path, m
     best_step = 2 * (best + 1)
     assert float(ckpt.best_model_score) == pytest.approx(values[best])
     assert Path(ckpt.best_model_path).name == f"best-step={best_step}.ckpt"
+    # `validate` on that checkpoint: the same loop, the checkpoint's EMA weights, the same value
+    results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt.best_model_path)
+    assert results[0]["val/edit/l1"] == pytest.approx(values[best], rel=1e-5)
+    assert "step" not in results[0]  # the x-axis value is logged in fit only
     assert [p.name for p in Path(ckpt.dirpath).glob("*.ckpt")] == [f"best-step={best_step}.ckpt"]
