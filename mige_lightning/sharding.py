@@ -29,11 +29,10 @@ from collections.abc import Callable
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
 from mige_lightning.models import MIGE, MIGEConfig, build_mige
 from mige_lightning.models.init import initialize, owners, post_order, skip_prefixes, under
-from mige_lightning.models.tensor_sources import load_local_rows, tensor_sources
+from mige_lightning.models.tensor_sources import load_local_rows, local_part, tensor_sources
 
 # T5 blocks return views (the position bias); FSDP2 warns in case one is changed in place. T5 does
 # not (tests/test_sharding.py compares the sharded gradients with the unsharded ones).
@@ -196,7 +195,7 @@ def build_sharded_mige(
     )
     release_freed_host_memory()
     load_local_rows(model, sources)
-    unset = [n for n, p in model.named_parameters() if _local(p).isnan().any()]
+    unset = [n for n, p in model.named_parameters() if local_part(p).isnan().any()]
     if unset:
         raise RuntimeError(
             f"build_sharded_mige: {len(unset)} parameter(s) neither drawn nor loaded: {unset[:5]}"
@@ -220,7 +219,3 @@ def release_freed_host_memory() -> None:
     freed full-size copy would leave holes that count as the rank's resident memory."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

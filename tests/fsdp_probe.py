@@ -1,8 +1,8 @@
 """Helpers for the FSDP / SLURM tests (not a test module): the environment and config overlay for
 ``python -m mige_lightning fit`` subprocesses, and a probe callback those runs carry.
 
-``Probe``: rank 0 writes ``<out>/start.pt`` (the gathered weights at fit start, and the model
-config); each rank writes ``<out>/rank<r>.json``: per training batch the global step, the loss and the
+``Probe``: rank 0 writes ``<out>/start.pt`` (the gathered weights at fit start, and the eager
+``build_mige(config, seed=0)`` weights for the same config); each rank writes ``<out>/rank<r>.json``: per training batch the global step, the loss and the
 sample indices; the sizes of its parameter shards; the optimiser's parameters. Rank 0 also writes
 ``<out>/ema.pt`` (the full EMA weights, gathered) and, with ``sample=True``, ``<out>/latents.pt``:
 one image sampled by the sharded model at the end of fit (every rank runs the pipeline).
@@ -22,6 +22,7 @@ import yaml
 from torch.distributed.tensor import DTensor
 
 from callbacks.ema import EMA
+from mige_lightning.models import build_mige
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny preset with its KL autoencoder (frozen, replicated under FSDP) at 16 px, fp32 for exact checks
@@ -139,7 +140,10 @@ class Probe(L.Callback):
         start = {n: _full(t) for n, t in pl_module.model.state_dict().items()}  # a collective for DTensors
         if trainer.is_global_zero:
             self.out.mkdir(parents=True, exist_ok=True)
-            torch.save({"state": start, "config": pl_module.config}, self.out / "start.pt")
+            # and what one process builds eagerly for the same config and the run's seed (0): tensors
+            # only, so the test reads both without unpickling objects
+            eager = build_mige(pl_module.config, seed=0).state_dict()
+            torch.save({"state": start, "eager": eager}, self.out / "start.pt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

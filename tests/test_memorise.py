@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -27,6 +26,7 @@ from datamodules.scene_judge import judge, load_truth
 from datamodules.synthetic import generate
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.pipeline import SCHEDULERS
+from tests.conftest import bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -52,15 +52,10 @@ def train_memoriser(root: Path, run_dir: Path, *, steps: int = STEPS, seed: int 
         batch_size=4,
         task_weights={"subject": 0.25, "edit": 0.25, "subject_edit/add": 0.25, "subject_edit/replace": 0.25},
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = bare_trainer(
+        run_dir,
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         gradient_clip_val=1.0,
-        default_root_dir=run_dir,
         limit_val_batches=0,  # trains only: the held-out half is sampled after training
     )
     trainer.fit(module, datamodule=data)

@@ -58,9 +58,9 @@ def tensor_sources(
 ) -> dict[str, TensorSource]:
     """Parameter or buffer name of ``model`` → where its pretrained value is. Names absent from the
     result are drawn at random (or, for the frozen autoencoder, were built whole)."""
-    names = [n for n, _ in model.named_parameters()]
     if init_weights is not None:
         return _from_weights_file(model, init_weights)
+    names = [n for n, _ in model.named_parameters()]
     src = config.pretrained
     components: list[tuple[str, str, dict[str, str], str]] = []  # (our prefix, file prefix, keys, config key)
     if src.t5 is not None:
@@ -94,6 +94,7 @@ def tensor_sources(
         aliases[first].append(name)
     shapes = dict(model.named_parameters())
     out: dict[str, TensorSource] = {}
+    headers: dict[str, dict] = {}
     problems = []
     for prefix, file_prefix, keys, config_key in components:
         for name in names:
@@ -107,15 +108,20 @@ def tensor_sources(
                 problems.append(f"{config_key}: no tensor '{candidates[0]}' (for {name})")
                 continue
             out[name] = TensorSource(keys[key], key, widen=name == "dit.pos_embed.proj.weight")
-            problems += _shape_problem(out[name], tuple(shapes[name].shape), config_key)
+            problems += _shape_problem(out[name], tuple(shapes[name].shape), config_key, headers)
     if problems:
         raise ValueError("pretrained weights do not fit the model: " + "; ".join(problems[:8]))
     return out
 
 
-def _shape_problem(source: TensorSource, shape: tuple[int, ...], config_key: str) -> list[str]:
-    with safe_open(source.file, framework="pt") as f:
-        file_shape = tuple(f.get_slice(source.key).get_shape())
+def _shape_problem(
+    source: TensorSource, shape: tuple[int, ...], config_key: str, headers: dict[str, dict]
+) -> list[str]:
+    """``headers``: file → its tensors' shapes, filled as files are first met (one read each)."""
+    if source.file not in headers:
+        with safe_open(source.file, framework="pt") as f:
+            headers[source.file] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    file_shape = headers[source.file][source.key]
     fits = file_shape == shape or (
         source.widen
         and len(file_shape) == len(shape)
@@ -136,14 +142,14 @@ def _from_weights_file(model: torch.nn.Module, path: str) -> dict[str, TensorSou
     prefix = EXPORT_PREFIX if keys and all(k.startswith(EXPORT_PREFIX) for k in keys) else ""
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     tied = tied_names(model)
-    out, problems = {}, []
+    out, problems, headers = {}, [], {}
     for key in keys:
         name = tied.get(key[len(prefix) :], key[len(prefix) :])
         if name not in own:
             problems.append(f"a tensor the model does not have: {key}")
             continue
         out[name] = TensorSource(file, key)
-        problems += _shape_problem(out[name], tuple(own[name].shape), "model.init_weights")
+        problems += _shape_problem(out[name], tuple(own[name].shape), "model.init_weights", headers)
     missing = [n for n, _ in model.named_parameters() if n not in out and not n.startswith("autoencoder.")]
     if missing:
         problems.append(f"{len(missing)} of the model's tensor(s) missing: {missing[:5]}")
@@ -171,6 +177,11 @@ def local_rows(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view), else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def load_local_rows(model: torch.nn.Module, sources: dict[str, TensorSource]) -> None:
     """Copy each source's rows for this rank into the model's (local shard of the) tensor.
 
@@ -182,7 +193,7 @@ def load_local_rows(model: torch.nn.Module, sources: dict[str, TensorSource]) ->
     for name, source in sources.items():
         target = tensors[name]
         start, stop = local_rows(target)
-        local = target.to_local() if isinstance(target, DTensor) else target
+        local = local_part(target)
         if stop == start:
             continue
         with safe_open(source.file, framework="pt") as f:
