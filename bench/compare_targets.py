@@ -22,9 +22,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from datamodules.datamodule import MIGEDataModule  # noqa: E402
+from datamodules.training_data import TrainingDataModule  # noqa: E402
+from entrypoints.judge_synthetic import judge_module  # noqa: E402
 from mige_lightning.module import MIGELightningModule  # noqa: E402
-from mige_lightning.synthetic_report import judge_module  # noqa: E402
 
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design
 VARIANTS = {
@@ -43,7 +43,7 @@ def run(variant: dict, *, steps: int, per_task: int, demo: dict) -> dict:
     module.configure_model()
     module.model.train()
     data_cfg = demo["data"]
-    data = MIGEDataModule(
+    data = TrainingDataModule(
         synthetic=data_cfg["synthetic"],
         batch_size=data_cfg["batch_size"],
         task_weights=data_cfg["task_weights"],

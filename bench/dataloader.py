@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.datamodule import MIGEDataModule  # noqa: E402
 from datamodules.latent_cache import build_cache  # noqa: E402
-from datamodules.synthetic import generate  # noqa: E402
+from datamodules.training_data import TrainingDataModule  # noqa: E402
 from mige_lightning.models import build_mige, get_config  # noqa: E402
+from mige_lightning.synthetic import generate  # noqa: E402
 
 
-def throughput(dm: MIGEDataModule, batches: int) -> float:
+def throughput(dm: TrainingDataModule, batches: int) -> float:
     loader = dm.train_dataloader()
     it = iter(loader)
     for _ in range(3):  # warm-up: worker start, first memmap touches
@@ -59,8 +59,8 @@ def main() -> None:
         generate(root / "world", num_samples=args.samples, size=args.resolution, seed=0)
         print(f"world: {args.samples} samples at {args.resolution} px in {time.perf_counter() - t0:.1f} s")
 
-        def datamodule(cache: bool) -> MIGEDataModule:
-            dm = MIGEDataModule(
+        def datamodule(cache: bool) -> TrainingDataModule:
+            dm = TrainingDataModule(
                 synthetic={"root": str(root / "world")},
                 batch_size=8,
                 num_workers=args.workers,

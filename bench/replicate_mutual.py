@@ -27,7 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from mige_lightning.synthetic_report import judge_checkpoint  # noqa: E402
+from entrypoints.judge_synthetic import judge_checkpoint  # noqa: E402
 
 SETTINGS = {
     "joint": "(a) joint",

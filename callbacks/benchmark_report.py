@@ -1,9 +1,12 @@
 """Writes a ``test`` run's benchmark results: per-sample CSV, results JSON and a Markdown table.
 
-Logged keys: ``test/<metric>`` and ``test/baseline/<metric>`` are logged by the module; this
-callback writes files only (rank 0): ``<output_dir>/per_sample.csv``, ``results.json``,
-``results.md`` (paper column order; rows: MIGE, the copy-the-input baseline and, where the paper
-reports the benchmark, the paper's numbers), and with ``save_images`` the generated images.
+What it reads is what the module hands every callback: each batch's ``test_step`` outputs
+(``{"ids", "images", "rows", "ema"}``: the generated images and per-sample scores) and the figures
+the module logs at the end (``test/<metric>``, ``test/baseline/<metric>``, on the synthetic world
+``test[/baseline]/<task or task/kind>/{scene_acc,element_acc}``). It writes (rank 0; rows gathered
+from every rank) ``<output_dir>/per_sample.csv``, ``results.json``, ``results.md`` (paper column
+order; rows: MIGE, the copy-the-input baseline and, where the paper reports the benchmark, the
+paper's numbers), and with ``save_images`` each rank's generated images.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import torch
 
 PAPER_COLUMNS = {
     "emu_edit": ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"],
@@ -47,34 +51,48 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+COLUMNS = ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"]  # the model's figures, in table order
+SCENE_NAMES = ("scene_acc", "element_acc")
+
+
 class BenchmarkReport(L.Callback):
     def __init__(self, output_dir: str = "eval", benchmark: str | None = None, save_images: bool = False):
         self.output_dir = Path(output_dir)
         self.benchmark = benchmark
         self.save_images = save_images
+        self._rows: list[dict] = []
+        self._ema: set[bool] = set()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._rows, self._ema = [], set()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._rows += outputs["rows"]
+        self._ema.add(bool(outputs["ema"]))
         if self.save_images:
             (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
-            for item_id, image in pl_module.test_outputs:
+            for item_id, image in zip(outputs["ids"], outputs["images"], strict=True):
                 image.save(self.output_dir / "images" / f"{item_id}.png")
 
     def on_test_end(self, trainer, pl_module) -> None:
+        rows = self._rows
+        if trainer.world_size > 1:  # every rank's rows, for the CSV (a collective: every rank calls it)
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
         if trainer.global_rank != 0:
             return
-        name = self.benchmark or (getattr(trainer.datamodule, "benchmark", None) or {}).get(
-            "name", "benchmark"
-        )
+        name = self.benchmark or getattr(trainer.datamodule, "name", None) or "benchmark"
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        results = split_logged(logged, rows)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows = pl_module.test_rows
         fields = list(dict.fromkeys(k for r in rows for k in r))
         with (self.output_dir / "per_sample.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        results = pl_module.test_results
         settings = {k: pl_module.hparams.get(k) for k in pl_module.RUNTIME_OPTIONS}
-        settings["ema"] = getattr(pl_module, "_sampling_with_ema", None)  # EMA weights really used
+        settings["ema"] = self._ema.pop() if len(self._ema) == 1 else None  # EMA weights really used
         (self.output_dir / "results.json").write_text(
             json.dumps(
                 {"benchmark": name, "samples": len(rows), "settings": settings, **results},
@@ -82,7 +100,7 @@ class BenchmarkReport(L.Callback):
                 default=str,
             )
         )
-        columns = PAPER_COLUMNS.get(name) or list(results["MIGE"])
+        columns = PAPER_COLUMNS.get(name) or [c for c in COLUMNS if c in results["MIGE"]]
         lines = [
             f"# {name} ({len(rows)} samples)",
             "",
@@ -96,10 +114,39 @@ class BenchmarkReport(L.Callback):
                 "| paper (MIGE) | " + " | ".join(_fmt(PAPER_RESULTS[name].get(c)) for c in columns) + " |"
             )
         if results.get("scenes"):  # synthetic world: the pixel judge per task and kind
-            from datamodules.scene_judge import format_table
+            from mige_lightning.scene_judge import format_table
 
             lines += ["", "## Scene judge (scene / element accuracy)", "", format_table(results["scenes"])]
         if results["extras"]:
             lines += ["", "| extra | value |", "|---|---|"]
             lines += [f"| {EXTRA_NAMES.get(k, k)} | {_fmt(v)} |" for k, v in results["extras"].items()]
         (self.output_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def split_logged(logged: dict[str, float], rows: list[dict]) -> dict:
+    """The module's logged ``test/…`` figures → ``{"MIGE", "copy-the-input baseline", "extras",
+    "scenes"}`` tables; the scene table's counts (n) come from the per-sample rows."""
+    out: dict = {"MIGE": {}, "copy-the-input baseline": {}, "extras": {}, "scenes": {}}
+    for key, value in logged.items():
+        parts = key.split("/")[1:]
+        label = "MIGE"
+        if parts[0] == "baseline":
+            label, parts = "copy-the-input baseline", parts[1:]
+        if parts[-1] in SCENE_NAMES:  # <task>[/<kind>]/<scene_acc|element_acc>
+            group = "/".join(parts[:-1])
+            out["scenes"].setdefault(label, {}).setdefault(group, {})[parts[-1]] = value
+        elif parts[0] in COLUMNS:
+            out[label][parts[0]] = value
+        elif label == "MIGE":
+            out["extras"][parts[0]] = value
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("scene_correct") is not None and not math.isnan(row["scene_correct"]):
+            for group in {row["task"], f"{row['task']}/{row.get('kind')}"}:
+                counts[group] = counts.get(group, 0) + 1
+    for groups in out["scenes"].values():
+        for group, accs in groups.items():
+            accs["n"] = counts.get(group, 0)
+    if not out["scenes"]:
+        del out["scenes"]
+    return out

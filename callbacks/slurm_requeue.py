@@ -21,6 +21,7 @@ exit code, and stop. ``python -m mige_lightning fit`` adds it to every run;
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -31,9 +32,15 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from mige_lightning.slurm import slurm_job_id
-
 log = logging.getLogger(__name__)
+
+
+def slurm_job_id() -> str | None:
+    """``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID`` (the id survives a requeue)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def next_hpc_checkpoint(directory: str | Path) -> Path:

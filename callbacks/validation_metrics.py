@@ -25,10 +25,10 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid
 
-from datamodules.images import load_rgb
-from datamodules.scene_judge import SceneAccuracy, load_truth, world_size
+from mige_lightning.images import load_rgb
 from mige_lightning.metrics import DEFAULT_CLIP_MODEL, L1Distance, L2Distance, build_metrics
 from mige_lightning.prompt import Task
+from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size
 
 PIXEL = (L1Distance, L2Distance, SceneAccuracy)
 

@@ -23,18 +23,23 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
+from torch.utils.data import DataLoader
 
-from datamodules.images import load_rgb, to_rgb
+from datamodules.base import MIGEDataModule
 from datamodules.records import ManifestError
+from mige_lightning.images import load_rgb, to_rgb
 from mige_lightning.prompt import Task
 
+log = logging.getLogger(__name__)
 ImageRef = str | bytes  # a path, or encoded image bytes (parquet)
 EMU_KEYWORDS = ("the image", "this image", "this photo", "the photo", "the picture", "this picture")
 
@@ -341,7 +346,7 @@ def read_migebench(
 def read_synthetic(root: str | Path, *, split: str = "heldout", limit: int | None = None) -> list[EvalItem]:
     """A generated synthetic world's split (default: held-out), judged from pixels by the scene
     judge: each item carries its target's scene, its kind and the world's size in ``meta``."""
-    from datamodules.scene_judge import load_truth, world_size
+    from mige_lightning.scene_judge import load_truth, world_size
 
     root = Path(root)
     if not (root / "world.json").is_file():
@@ -408,3 +413,37 @@ class BenchmarkDataset:
             "baseline": open_image(it.baseline) if it.baseline is not None else None,
         }
         return {"item": Boxed(it), "images": images}
+
+
+class BenchmarkDataModule(MIGEDataModule):
+    """``test``: one benchmark's items (generated and scored by the module's benchmark run,
+    ``mige_lightning/evaluation.py``).
+
+    Args:
+        benchmark: ``{name: emu_edit | magicbrush | dreambench | migebench | synthetic, root: …,
+            **reader options}``, e.g. ``{name: magicbrush, root: /data/MagicBrush/test, reference:
+            target, turns: single}``.
+        batch_size: items per batch.
+        num_workers: processes decoding the benchmark images.
+    """
+
+    def __init__(self, benchmark: dict[str, Any], *, batch_size: int = 8, num_workers: int = 0):
+        super().__init__(num_workers=num_workers)
+        if not isinstance(benchmark, dict) or not benchmark.get("name"):
+            raise ValueError(f"data.benchmark: expected {{name: …, root: …}}, got {benchmark!r}")
+        self.benchmark = dict(benchmark)
+        self.batch_size = batch_size
+
+    @property
+    def name(self) -> str:
+        return self.benchmark["name"]
+
+    def test_dataloader(self) -> DataLoader:
+        items = read_benchmark(self.benchmark)
+        log.info("benchmark %s: %d items", self.name, len(items))
+        return DataLoader(
+            BenchmarkDataset(items),
+            batch_size=self.batch_size,
+            collate_fn=list,
+            num_workers=self.num_workers,
+        )

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.images import load_rgb
 from datamodules.latent_cache import LatentCache
 from datamodules.records import Record
+from mige_lightning.images import load_rgb
 from mige_lightning.transforms import Transforms
 
 PER_REFERENCE = ("ref_pixels", "ref_vae", "ref_latent")

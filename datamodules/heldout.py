@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset, DistributedSampler
 
-from datamodules.images import load_rgb
 from datamodules.records import Record
+from mige_lightning.images import load_rgb
 from mige_lightning.prompt import Task
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.images import load_rgb
 from datamodules.records import Record
+from mige_lightning.images import load_rgb
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1

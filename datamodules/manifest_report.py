@@ -185,7 +185,7 @@ def specs_from_configs(paths: list[str]) -> list[dict[str, Any]]:
         for spec in specs:
             spec.setdefault("base", data["root"])
     if data.get("synthetic"):
-        from datamodules.synthetic import manifest_specs
+        from mige_lightning.synthetic import manifest_specs
 
         specs += manifest_specs(data["synthetic"].get("root", "data/demo"), "train")
     if not specs:

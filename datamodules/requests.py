@@ -4,7 +4,7 @@ Fields: ``id``, ``task``, ``instruction`` (with ``<imagehere>`` placeholders), `
 filling them, in order), ``source`` (path; edit / subject_edit), and optionally ``seed``,
 ``guidance_scale``, ``image_guidance_scale``, ``num_inference_steps``, ``resize_to_source``.
 Relative paths resolve against the request file's folder. A bad request is reported with its
-line and skipped; the others still run.
+line and skipped; the others still run. ``RequestDataModule`` serves them to ``predict``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from datamodules.images import load_rgb
-from datamodules.records import Problem, read_lines
+from datamodules.base import MIGEDataModule
+from datamodules.records import ManifestError, Problem, read_lines
+from mige_lightning.images import load_rgb
 from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
 
 log = logging.getLogger(__name__)
@@ -194,3 +195,45 @@ class RequestDataset(Dataset):
 
 def collate_requests(items: list[dict]) -> list[dict]:
     return items
+
+
+class RequestDataModule(MIGEDataModule):
+    """``predict``: the requests of one JSONL file (format above), in file order.
+
+    Args:
+        requests: the request file; a bad request is reported with its line and skipped, as is one
+            with more references than the model takes (``connect``'s reference limit).
+        batch_size: requests per batch (requests that share settings are sampled together).
+        num_workers: processes decoding the request images.
+    """
+
+    def __init__(self, requests: str, *, batch_size: int = 4, num_workers: int = 0):
+        super().__init__(num_workers=num_workers)
+        self.requests = requests
+        self.batch_size = batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        requests, problems = read_requests(self.requests)
+        if self.max_images is not None:  # more references than the model takes: that request only
+            too_many = [r for r in requests if len(r.images) > self.max_images]
+            problems += [
+                Problem(
+                    r.origin,
+                    "too many references",
+                    f"{len(r.images)} images; the model allows {self.max_images}",
+                )
+                for r in too_many
+            ]
+            requests = [r for r in requests if len(r.images) <= self.max_images]
+        for p in problems:
+            log.error("skipping request %s", p)
+        if problems:
+            log.warning("skipped %d bad request(s) of %d", len(problems), len(problems) + len(requests))
+        if not requests:
+            raise ManifestError(f"{self.requests}: no valid request to run", problems=problems)
+        return DataLoader(
+            RequestDataset(requests),
+            batch_size=self.batch_size,
+            collate_fn=collate_requests,
+            num_workers=self.num_workers,
+        )

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from datamodules.images import ImageTooLargeError, load_rgb
 from datamodules.records import ManifestError, Problem, Record
+from mige_lightning.images import ImageTooLargeError, load_rgb
 
 log = logging.getLogger(__name__)
 ON_BAD_RECORD = ("error", "skip")

@@ -1,4 +1,4 @@
-from mige_lightning.cli import main
+from entrypoints.main import main
 
 if __name__ == "__main__":
     main()

@@ -96,7 +96,7 @@ class BenchmarkEvaluator(nn.Module):
 
     def _judge(self, outputs, items, baselines) -> dict[str, list]:
         """Scene judge on items that carry their scene (the synthetic world); per-sample columns."""
-        from datamodules.scene_judge import SceneAccuracy
+        from mige_lightning.scene_judge import SceneAccuracy
 
         n = len(items)
         rows = {k: [float("nan")] * n for k in ("scene_correct", "element_acc", "wrong")}
@@ -220,3 +220,72 @@ class BenchmarkEvaluator(nn.Module):
                 "copy-the-input baseline": self.scene_metrics["baseline"].compute(),
             }
         return out
+
+
+class BenchmarkRun:
+    """One ``test`` run on a benchmark: generate each item's output, score it, return the lot.
+
+    The LightningModule's ``test_step`` delegates here and returns ``step``'s result, so callbacks
+    (``callbacks/benchmark_report.py``) get each batch's images and per-sample rows as
+    ``on_test_batch_end``'s ``outputs``; ``compute`` returns the benchmark's figures (synced across
+    ranks), which the module logs.
+    """
+
+    def __init__(self, pipe, evaluator: BenchmarkEvaluator, *, num_inference_steps: int | None, seed: int):
+        self.pipe, self.evaluator = pipe, evaluator
+        self.num_inference_steps, self.seed = num_inference_steps, seed
+
+    def generate(self, items: list, images: list[dict]) -> list[PIL.Image.Image]:
+        """Items → output images (per-item seeds; MagicBrush follow-ups chained on the outputs)."""
+        outputs: list = [None] * len(items)
+        by_task: dict = {}
+        for i, item in enumerate(items):
+            by_task.setdefault(item.task, []).append(i)
+        for task, idx in by_task.items():
+            out = self.pipe(
+                [items[i].instruction for i in idx],
+                task=task,
+                images=[images[i]["images"] for i in idx],
+                source=[images[i]["source"] for i in idx],
+                num_inference_steps=self.num_inference_steps,
+                seeds=[self.seed + items[i].seed for i in idx],
+            )
+            for i, image in zip(idx, out.images, strict=True):
+                outputs[i] = image
+        for i, item in enumerate(items):
+            for instruction in item.followups:  # multi-turn: edit the model's own previous output
+                prev = outputs[i]
+                outputs[i] = self.pipe(
+                    instruction,
+                    task=item.task,
+                    images=[prev],
+                    source=prev,
+                    num_inference_steps=self.num_inference_steps,
+                    seeds=[self.seed + item.seed],
+                ).images[0]
+        return outputs
+
+    def step(self, batch: list[dict]) -> dict:
+        """A batch of benchmark items → ``{"ids", "images", "rows"}`` (rows: per-sample scores)."""
+        items = [b["item"].value for b in batch]
+        images = [b["images"] for b in batch]
+        outputs = self.generate(items, images)
+        rows = self.evaluator.update(outputs, items, images)
+        return {"ids": [it.id for it in items], "images": outputs, "rows": rows}
+
+    def compute(self) -> dict[str, float]:
+        """The benchmark's figures as flat log keys: ``test/<metric>`` (the model),
+        ``test/baseline/<metric>`` (the copy-the-input baseline), and on the synthetic world
+        ``test[/baseline]/<task or task/kind>/{scene_acc,element_acc}``."""
+        results = self.evaluator.compute()
+        values = {}
+        for name, value in {**results["MIGE"], **results["extras"]}.items():
+            values[f"test/{name}"] = value
+        for name, value in results["copy-the-input baseline"].items():
+            values[f"test/baseline/{name}"] = value
+        for label, groups in results.get("scenes", {}).items():
+            prefix = "test" if label == "MIGE" else "test/baseline"
+            for group, accs in groups.items():
+                for name in ("scene_acc", "element_acc"):
+                    values[f"{prefix}/{group}/{name}"] = accs[name]
+        return values

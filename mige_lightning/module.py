@@ -24,7 +24,7 @@ from mige_lightning.checkpoint_state import (
 )
 from mige_lightning.condition_dropout import draw_condition_dropout
 from mige_lightning.diffusion import GaussianDiffusion
-from mige_lightning.evaluation import BenchmarkEvaluator
+from mige_lightning.evaluation import BenchmarkEvaluator, BenchmarkRun
 from mige_lightning.metrics import DEFAULT_CLIP_MODEL
 from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
@@ -81,7 +81,7 @@ class MIGELightningModule(L.LightningModule):
     """
 
     # how to sample and score, not what was trained: given on the command line, they win over a
-    # checkpoint's saved values (mige_lightning/cli.py), and test / predict record them
+    # checkpoint's saved values (entrypoints/cli.py), and test / predict record them
     RUNTIME_OPTIONS = (
         "sampler",
         "predict_seed",
@@ -146,6 +146,10 @@ class MIGELightningModule(L.LightningModule):
             raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self._nonfinite_run = 0  # consecutive steps skipped for a non-finite loss or gradient
         self._skip_reason: str | None = None  # this step's loss was not finite (on some rank)
+        self._val_pipe: MIGEPipeline | None = None  # validation / predict sampling pipelines
+        self._pipe: MIGEPipeline | None = None
+        self._sampling_with_ema = False  # whether predict / test sample with the checkpoint's EMA
+        self.benchmark_run: BenchmarkRun | None = None  # test: generates and scores the benchmark
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -425,12 +429,18 @@ class MIGELightningModule(L.LightningModule):
         )
         return {"images": out.images}
 
-    def on_predict_start(self) -> None:
+    def sampling_pipeline(self) -> MIGEPipeline:
+        """``predict`` / ``test``: the checkpoint's EMA weights swapped in (``sample_with_ema``), and
+        the pipeline over them."""
         self._sampling_with_ema = bool(self.hparams.sample_with_ema and self.use_ema_weights())
         if self._sampling_with_ema:
             log.info("sampling with the checkpoint's EMA weights")
-        self._pipe = self.pipeline()
-        self._pipe.set_progress_bar_config(disable=True)
+        pipe = self.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def on_predict_start(self) -> None:
+        self._pipe = self.sampling_pipeline()
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Requests → generated images; requests that share settings run as one batch."""
@@ -479,64 +489,20 @@ class MIGELightningModule(L.LightningModule):
         )
 
     def on_test_start(self) -> None:
-        self.on_predict_start()  # EMA weights + pipeline
-        self.__dict__["evaluator"] = self.build_evaluator().to(
-            self.device
-        )  # not a submodule: no checkpoint state
-        self.test_rows: list[dict] = []
+        pipe = self.sampling_pipeline()
+        evaluator = self.build_evaluator().to(self.device)  # held by the run: no checkpoint state
+        steps, seed = self.hparams.eval_num_inference_steps, self.hparams.predict_seed
+        self.benchmark_run = BenchmarkRun(pipe, evaluator, num_inference_steps=steps, seed=seed)
 
-    def generate_for_items(self, items: list, images: list[dict]) -> list:
-        """Benchmark items → output images (per-item seeds; MagicBrush follow-ups chained on outputs)."""
-        outputs: list = [None] * len(items)
-        by_task: dict = {}
-        for i, item in enumerate(items):
-            by_task.setdefault(item.task, []).append(i)
-        steps = self.hparams.eval_num_inference_steps
-        for task, idx in by_task.items():
-            out = self._pipe(
-                [items[i].instruction for i in idx],
-                task=task,
-                images=[images[i]["images"] for i in idx],
-                source=[images[i]["source"] for i in idx],
-                num_inference_steps=steps,
-                seeds=[self.hparams.predict_seed + items[i].seed for i in idx],
-            )
-            for i, image in zip(idx, out.images, strict=True):
-                outputs[i] = image
-        for i, item in enumerate(items):
-            for instruction in item.followups:  # multi-turn: edit the model's own previous output
-                prev = outputs[i]
-                outputs[i] = self._pipe(
-                    instruction,
-                    task=item.task,
-                    images=[prev],
-                    source=prev,
-                    num_inference_steps=steps,
-                    seeds=[self.hparams.predict_seed + item.seed],
-                ).images[0]
-        return outputs
-
-    def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        items = [b["item"].value for b in batch]
-        images = [b["images"] for b in batch]
-        outputs = self.generate_for_items(items, images)
-        self.test_rows.extend(self.evaluator.update(outputs, items, images))
-        self.test_outputs = list(zip([it.id for it in items], outputs, strict=True))  # for report callbacks
+    def test_step(self, batch: list[dict], batch_idx: int) -> dict:
+        """Benchmark items → ``{"ids", "images", "rows", "ema"}`` (``BenchmarkRun.step``), handed to
+        the callbacks' ``on_test_batch_end`` (``callbacks.benchmark_report.BenchmarkReport``)."""
+        return {**self.benchmark_run.step(batch), "ema": self._sampling_with_ema}
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self.evaluator.compute()  # synced across ranks by torchmetrics
-        if self.trainer.world_size > 1:  # per-sample rows from every rank, for the CSV
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, self.test_rows)
-            self.test_rows = [row for rows in gathered for row in rows]
-        for table, values in self.test_results.items():
-            if table == "scenes":  # the synthetic world's judge: test[/baseline]/<group>/{scene,element}_acc
-                for label, groups in values.items():
-                    prefix = "test" if label == "MIGE" else "test/baseline"
-                    for group, accs in groups.items():
-                        for name in ("scene_acc", "element_acc"):
-                            self.log(f"{prefix}/{group}/{name}", accs[name], rank_zero_only=True)
-                continue
-            for name, value in values.items():
-                prefix = "test/baseline" if table != "MIGE" else "test"
-                self.log(f"{prefix}/{name}", value, rank_zero_only=True)
+        # synced across ranks by torchmetrics: the same values on every rank
+        for name, value in self.benchmark_run.compute().items():
+            self.log(name, value)
+
+    def on_test_end(self) -> None:
+        self.benchmark_run = None

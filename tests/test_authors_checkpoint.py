@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from entrypoints.main import main as cli_main
 from mige_lightning.authors_checkpoint import (
     ConversionError,
     convert_state_dict,
@@ -26,12 +27,12 @@ from mige_lightning.authors_checkpoint import (
     read_authors_checkpoint,
     target_model,
 )
-from mige_lightning.cli import main as cli_main
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.models.dit import patch_tokens
 from mige_lightning.models.presets import AUTHORS_BEHAVIOUR
 from mige_lightning.models.weights import tied_names
 from mige_lightning.module import MIGELightningModule
+from mige_lightning.synthetic import generate
 from tests.conftest import make_batch, prompts_of
 from tests.test_models import _encode as _condition
 
@@ -276,7 +277,7 @@ def test_predict_through_the_cli_with_the_converted_config(tmp_path, monkeypatch
     out = convert_tiny(tmp_path, authors_tiny_state())
     monkeypatch.chdir(tmp_path)
     repo = Path(__file__).resolve().parents[1]
-    world = f"--data.synthetic={{root: {tmp_path}/world, num_samples: 12, size: 16, seed: 0}}"
+    generate(tmp_path / "world", num_samples=12, size=16, seed=0)
     written = tmp_path / "predictions"
     cli_main(
         [
@@ -286,8 +287,8 @@ def test_predict_through_the_cli_with_the_converted_config(tmp_path, monkeypatch
             "--config",
             str(repo / "configs/predict/demo.yaml"),
         ]
-        + ["--config", str(out / "config.yaml"), world, f"--trainer.callbacks.init_args.output_dir={written}"]
-        + [f"--data.predict_requests={tmp_path}/world/heldout_requests.jsonl"]
+        + ["--config", str(out / "config.yaml"), f"--trainer.callbacks.init_args.output_dir={written}"]
+        + [f"--data.requests={tmp_path}/world/heldout_requests.jsonl"]
         + [
             "--model.task_defaults={subject: {num_inference_steps: 2}, edit: {num_inference_steps: 2}, "
             "subject_edit: {num_inference_steps: 2}}"

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datamodules.datamodule import MIGEDataModule
 from datamodules.records import ManifestError, infer_task, read_manifest, subtask_by_wording
+from datamodules.training_data import TrainingDataModule
 from datamodules.validation import check_records, resolve_problems
-from mige_lightning.cli import main as cli_main
+from entrypoints.main import main as cli_main
 
 SIZES = {
     "subject.jpg": (150, 83),
@@ -156,7 +156,7 @@ def test_mismatched_records_error_or_are_skipped_and_counted(tmp_path, caplog):
 
 def test_the_data_module_reads_a_manifest_with_a_base_and_refuses_unknown_keys(tmp_path):
     manifest = authors_layout(tmp_path)
-    dm = MIGEDataModule(
+    dm = TrainingDataModule(
         manifests=[{"path": str(manifest), "task": "subject", "base": str(tmp_path)}],
         task_weights={"subject": 1.0},
         on_bad_record="skip",
@@ -164,9 +164,9 @@ def test_the_data_module_reads_a_manifest_with_a_base_and_refuses_unknown_keys(t
     records = dm.validated_records()
     assert [r.target for r in records] == [tmp_path / "example_data/subject.jpg"]
     with pytest.raises(ValueError, match=r"data.manifests\[0\]: unknown key\(s\) \['bas'\]"):
-        MIGEDataModule(manifests=[{"path": str(manifest), "bas": str(tmp_path)}])
+        TrainingDataModule(manifests=[{"path": str(manifest), "bas": str(tmp_path)}])
     with pytest.raises(FileNotFoundError, match=r"data.manifests\[0\].base: folder '.*nope' does not exist"):
-        MIGEDataModule(manifests=[{"path": str(manifest), "base": str(tmp_path / "nope")}])
+        TrainingDataModule(manifests=[{"path": str(manifest), "base": str(tmp_path / "nope")}])
 
 
 def test_task_by_shape_and_subtask_by_wording(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 
 from datamodules.benchmarks import parse_dreambench_prompts, read_benchmark, rewrite_emu_instruction
 from datamodules.records import ManifestError
+from entrypoints.main import main
 from mige_lightning import metrics as M
-from mige_lightning.cli import main
 from tests.metric_backbones import save_tiny_backbones
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_benchmark_runs_through_test_and_writes_the_table(tmp_path, monkeypatch,
             f"clip_pretrained: {backbones['clip_pretrained']}}}",
             "--model.eval_num_inference_steps=2",
             "--data.num_workers=0",
-            "--data.predict_batch_size=3",
+            "--data.batch_size=3",
             f"--data.benchmark={{name: {name}, root: {tmp_path / 'bench'}{extra}}}",
             f"--trainer.callbacks.init_args.output_dir={out}",
             "--trainer.callbacks.init_args.save_images=true",

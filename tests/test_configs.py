@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mige_lightning.cli import main
+from entrypoints.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
@@ -81,12 +81,17 @@ def test_config_parses_and_runs_one_step(configs, tmp_path, monkeypatch):
             raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     assert parsed.model.hparams.preset == raw["model"]["preset"]
     if len(configs) > 1:  # a benchmark overlay: its report and benchmark on the base's model
-        name = yaml.safe_load(configs[-1].read_text())["data"]["benchmark"]["name"]
+        name = yaml.safe_load(configs[-1].read_text())["data"]["init_args"]["benchmark"]["name"]
+        assert type(parsed.datamodule).__name__ == "BenchmarkDataModule"
         assert parsed.datamodule.benchmark["name"] == name
         reports = [c for c in parsed.trainer.callbacks if type(c).__name__ == "BenchmarkReport"]
         assert len(reports) == 1 and reports[0].benchmark == name
         assert parsed.model.hparams.eval_metrics["clip_model"] == "ViT-B-32-quickgelu"
     args = [*config_args, *CPU_STEP]
+    if len(configs) > 1:
+        # a benchmark data module has nothing to train on: the step trains the overlay's model on the
+        # synthetic world (tests/test_benchmarks.py runs `test` with each overlay)
+        args.append("--data=datamodules.TrainingDataModule")
     if raw["model"]["preset"] != "tiny":
         # the step itself runs at tiny size: same recipe, no downloads
         args += [
@@ -237,8 +242,8 @@ def test_pools_without_a_weight_fail_before_the_model_is_built(tmp_path, monkeyp
     weights (add / replace) do not cover: the run must stop in the data module's setup, before
     configure_model builds the networks (minutes at paper size), naming the pool."""
     from datamodules.records import ManifestError
-    from datamodules.synthetic import generate
     from mige_lightning.module import MIGELightningModule
+    from mige_lightning.synthetic import generate
 
     world = tmp_path / "world"
     generate(world, num_samples=8, size=32, seed=0)
@@ -309,7 +314,8 @@ def test_command_line_sampling_options_win_over_the_checkpoints(tmp_path, monkey
             "predict",
             "--model.sampler=ddim",
             "--model.predict_seed=100",
-            f"--data.predict_requests={tmp_path}/req.jsonl",
+            "--data=datamodules.RequestDataModule",
+            f"--data.requests={tmp_path}/req.jsonl",
             "--trainer.logger=false",
             "--trainer.accelerator=cpu",
             "--trainer.callbacks+=callbacks.prediction_writer.PredictionWriter",
@@ -320,3 +326,42 @@ def test_command_line_sampling_options_win_over_the_checkpoints(tmp_path, monkey
     )
     entry = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
     assert entry["scheduler"] == "DDIMScheduler" and entry["seed"] == 100
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "serves"),
+    [("predict", "datamodules.RequestDataModule"), ("test", "datamodules.BenchmarkDataModule")],
+)
+def test_a_path_given_the_training_data_module_says_which_one_serves_it(subcommand, serves, monkeypatch):
+    """predict / test on fit's config alone (no overlay naming their data module): a clear error
+    before anything is built, naming the data module and the configs that set it."""
+    from entrypoints.cli import MIGECLI
+
+    built = []
+    monkeypatch.setattr(MIGECLI, "instantiate_classes", lambda self: built.append(1))
+    with pytest.raises(
+        ValueError, match=rf"`{subcommand}` needs a data module with .*Give data.class_path: {serves}"
+    ):
+        main([subcommand, "--config", str(REPO / "configs/demo.yaml"), "--trainer.logger=false"])
+    assert built == []
+
+
+def test_each_path_gets_its_own_data_module_with_only_its_arguments():
+    """The overlays switch the data module; a training argument does not reach the others."""
+    from datamodules import BenchmarkDataModule, RequestDataModule, TrainingDataModule
+
+    def data_of(*configs):
+        args = [a for c in configs for a in ("--config", str(REPO / c))]
+        return main([*args, "--trainer.logger=false"], run=False).datamodule
+
+    fit = data_of("configs/demo.yaml")
+    predict = data_of("configs/demo.yaml", "configs/predict/demo.yaml")
+    test = data_of("configs/demo.yaml", "configs/eval/synthetic.yaml")
+    assert type(fit) is TrainingDataModule and fit.batch_size == 16 and fit.synthetic
+    assert type(predict) is RequestDataModule and predict.batch_size == 8
+    assert predict.requests == "data/demo/heldout_requests.jsonl"
+    assert type(test) is BenchmarkDataModule and test.benchmark["name"] == "synthetic"
+    for module in (predict, test):
+        assert not hasattr(module, "synthetic") and not hasattr(module, "task_weights")
+    with pytest.raises(ValueError, match="give `manifests` or `synthetic`"):
+        TrainingDataModule()

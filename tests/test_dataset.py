@@ -8,7 +8,7 @@ from PIL import Image
 
 from datamodules.dataset import MIGEDataset, collate
 from datamodules.records import read_manifest
-from datamodules.synthetic import generate
+from mige_lightning.synthetic import generate
 from mige_lightning.transforms import Transforms
 
 

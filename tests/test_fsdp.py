@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from entrypoints.export import load_exported
+from entrypoints.main import main
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY
-from mige_lightning.cli import main
-from mige_lightning.export import load_exported
 from tests.fsdp_probe import REPO, cli_env, fit_command, sample, write_overlay
 
 STEPS, EVERY = 8, 4  # optimiser steps; checkpoint every 4 (mid-epoch: 10 batches per epoch per rank)

@@ -10,9 +10,9 @@ import torch
 from datamodules.dataset import MIGEDataset
 from datamodules.latent_cache import LatentCache, StaleCacheError, build_cache
 from datamodules.records import read_manifest
-from datamodules.synthetic import generate
-from mige_lightning.cli import main
+from entrypoints.main import main
 from mige_lightning.models import build_mige, get_config
+from mige_lightning.synthetic import generate
 from mige_lightning.transforms import Transforms
 
 REPO = Path(__file__).resolve().parents[1]

@@ -182,9 +182,9 @@ def test_word_tokenizer_knows_every_word_of_the_prefixes_and_the_synthetic_world
     """The demo's word-level tokenizer: one id per word, and no instruction word falls to <unk>."""
     import json
 
-    from datamodules.synthetic import generate
     from mige_lightning.models.loading import build_word_tokenizer, load_tokenizer
     from mige_lightning.prompt import Task, build_prompt, split_placeholders
+    from mige_lightning.synthetic import generate
 
     tok = load_tokenizer("words")
     assert len(tok) == len(build_word_tokenizer())

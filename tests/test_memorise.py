@@ -20,12 +20,12 @@ import pytest
 import torch
 import yaml
 
-from datamodules.datamodule import MIGEDataModule
-from datamodules.images import load_rgb
-from datamodules.scene_judge import judge, load_truth
-from datamodules.synthetic import generate
+from datamodules.training_data import TrainingDataModule
+from mige_lightning.images import load_rgb
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.pipeline import SCHEDULERS
+from mige_lightning.scene_judge import judge, load_truth
+from mige_lightning.synthetic import generate
 from tests.conftest import bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def train_memoriser(root: Path, run_dir: Path, *, steps: int = STEPS, seed: int 
     generate(root, num_samples=8, size=SIZE, seed=3, heldout_fraction=0.5)
     torch.manual_seed(seed)
     module = MIGELightningModule(**model_cfg)
-    data = MIGEDataModule(
+    data = TrainingDataModule(
         synthetic={"root": str(root), "num_samples": 8, "size": SIZE, "seed": 3, "heldout_fraction": 0.5},
         batch_size=4,
         task_weights={"subject": 0.25, "edit": 0.25, "subject_edit/add": 0.25, "subject_edit/replace": 0.25},

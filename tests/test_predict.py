@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mige_lightning.cli import main
+from entrypoints.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,7 @@ def test_predict_on_demo_checkpoint_writes_images_and_log(tmp_path, monkeypatch,
                 str(REPO / "configs/demo.yaml"),
                 "--config",
                 str(REPO / "configs/predict/demo.yaml"),
-                world,
-                f"--data.predict_requests={req_file}",
+                f"--data.requests={req_file}",
                 f"--trainer.callbacks.init_args.output_dir={out_dir}",
                 "--ckpt_path",
                 str(ckpt),

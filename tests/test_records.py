@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.datamodule import MIGEDataModule
-from datamodules.images import load_rgb, to_rgb
 from datamodules.records import ManifestError, read_manifest
+from datamodules.training_data import TrainingDataModule
+from mige_lightning.images import load_rgb, to_rgb
 from mige_lightning.prompt import Task
 
 
@@ -124,7 +124,7 @@ def test_every_bad_record_kind_is_reported_at_once_as_file_line_reason(tmp_path)
     lines = [json.dumps(GOOD)] + [json.dumps(c) if c is not None else '{"image": "t.png",' for c, _ in cases]
     manifest = data / "m.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
-    dm = MIGEDataModule(
+    dm = TrainingDataModule(
         [{"path": str(manifest)}],
         resolution=8,
         vision_resolution=8,
@@ -149,7 +149,7 @@ def test_skip_mode_drops_bad_records_and_logs_counts_per_reason(tmp_path, caplog
     _img(tmp_path / "r.png")
     bad = [{**GOOD, "image": "missing.png"}, {**GOOD, "image": "missing2.png"}, {**GOOD, "task": "paint"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in [GOOD, *bad]) + "\n")
-    dm = MIGEDataModule([{"path": str(tmp_path / "m.jsonl")}], on_bad_record="skip")
+    dm = TrainingDataModule([{"path": str(tmp_path / "m.jsonl")}], on_bad_record="skip")
     dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
     with caplog.at_level(logging.WARNING):
         records = dm.validated_records()
@@ -167,7 +167,7 @@ def test_empty_manifest_and_malformed_json_list_are_reported(tmp_path):
 
 
 def _dm(manifest, mode):
-    dm = MIGEDataModule([{"path": str(manifest)}], on_bad_record=mode)
+    dm = TrainingDataModule([{"path": str(manifest)}], on_bad_record=mode)
     dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
     return dm
 
@@ -199,7 +199,7 @@ def test_a_malformed_json_list_stops_the_run_in_skip_mode_too(tmp_path):
     good, broken = tmp_path / "good.json", tmp_path / "broken.json"
     good.write_text(json.dumps([GOOD]))
     broken.write_text(json.dumps([GOOD, GOOD])[:-3])
-    dm = MIGEDataModule([{"path": str(good)}, {"path": str(broken)}], on_bad_record="skip")
+    dm = TrainingDataModule([{"path": str(good)}, {"path": str(broken)}], on_bad_record="skip")
     dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4)
     with pytest.raises(
         ManifestError, match=r"cannot be read \(skip mode drops bad records, not whole files\)"
@@ -272,7 +272,7 @@ def test_undecodable_bytes_bom_and_a_lone_object_are_named(tmp_path):
 
 
 def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
-    import datamodules.images as images
+    import mige_lightning.images as images
 
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     _img(tmp_path / "t.png", size=8)  # 64 px: fine

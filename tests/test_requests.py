@@ -96,7 +96,7 @@ def test_request_fields_of_the_wrong_type_or_out_of_range_are_bad_requests(tmp_p
 def test_more_references_than_the_model_takes_skip_that_request_only(tmp_path, caplog):
     import logging
 
-    from datamodules.datamodule import MIGEDataModule
+    from datamodules.requests import RequestDataModule
 
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "ref.png")
     lines = [
@@ -105,7 +105,7 @@ def test_more_references_than_the_model_takes_skip_that_request_only(tmp_path, c
     ]
     path = tmp_path / "requests.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    dm = MIGEDataModule(predict_requests=str(path))
+    dm = RequestDataModule(str(path))
     dm.connect(resolution=8, vision_resolution=8, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=2)
     with caplog.at_level(logging.WARNING):
         loader = dm.predict_dataloader()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from datamodules.images import load_rgb
-from datamodules.scene_judge import KINDS, Scene, SceneAccuracy, judge, load_truth, read_scene, world_size
-from datamodules.synthetic import Sprite, generate, render
+from mige_lightning.images import load_rgb
+from mige_lightning.scene_judge import KINDS, Scene, SceneAccuracy, judge, load_truth, read_scene, world_size
+from mige_lightning.synthetic import Sprite, generate, render
 
 SIZE = 32
 

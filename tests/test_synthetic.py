@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from datamodules.records import read_manifest
-from datamodules.synthetic import BACKGROUNDS, COLOURS, POSITIONS, REFERENCE_BACKGROUND, SIZES, generate
 from mige_lightning.prompt import Task
+from mige_lightning.synthetic import BACKGROUNDS, COLOURS, POSITIONS, REFERENCE_BACKGROUND, SIZES, generate
 
 SIZE = 60
 
@@ -182,7 +182,7 @@ def test_world_is_deterministic_and_has_a_disjoint_heldout_split(tmp_path):
 
 def test_no_heldout_task_instance_occurs_in_training(tmp_path):
     """Held-out requests stay unseen: a small world (many repeats by chance) has none in training."""
-    from datamodules.synthetic import TASK_FILES, sample_key
+    from mige_lightning.synthetic import TASK_FILES, sample_key
 
     generate(tmp_path, num_samples=600, size=16, seed=2, heldout_fraction=0.2)
 

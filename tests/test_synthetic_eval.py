@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mige_lightning.cli import main
+from entrypoints.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,12 +31,12 @@ def trained(tmp_path_factory):
         run=False,
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return root, world, Path(cli.trainer.checkpoint_callback.last_model_path)
+    return root, Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
 @pytest.mark.slow
 def test_predict_then_judge_writes_table_and_contact_sheet(trained, capsys):
-    root, world, ckpt = trained
+    root, ckpt = trained
     out = root / "pred"
     main(
         [
@@ -45,8 +45,7 @@ def test_predict_then_judge_writes_table_and_contact_sheet(trained, capsys):
             str(REPO / "configs/demo.yaml"),
             "--config",
             str(REPO / "configs/predict/demo.yaml"),
-            world,
-            f"--data.predict_requests={root}/world/heldout_requests.jsonl",
+            f"--data.requests={root}/world/heldout_requests.jsonl",
             f"--trainer.callbacks.init_args.output_dir={out}",
             "--ckpt_path",
             str(ckpt),
@@ -71,15 +70,14 @@ def test_predict_then_judge_writes_table_and_contact_sheet(trained, capsys):
 
 @pytest.mark.slow
 def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
-    root, world, ckpt = trained
-    main(
+    root, ckpt = trained
+    cli = main(
         [
             "test",
             "--config",
             str(REPO / "configs/demo.yaml"),
             "--config",
             str(REPO / "configs/eval/synthetic.yaml"),
-            world,
             f"--data.benchmark={{name: synthetic, root: {root}/world}}",
             f"--trainer.callbacks.init_args.output_dir={root}/eval",
             "--ckpt_path",
@@ -88,6 +86,15 @@ def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
     )
     results = json.loads((root / "eval" / "results.json").read_text())
     scenes = results["scenes"]
+    # the figures are logged (what `trainer.test` returns); the report's tables are those values
+    logged = cli.trainer.callback_metrics
+    for task in ("subject", "edit", "subject_edit"):
+        assert float(logged[f"test/{task}/scene_acc"]) == scenes["MIGE"][task]["scene_acc"]
+        assert (
+            float(logged[f"test/baseline/{task}/element_acc"])
+            == (scenes["copy-the-input baseline"][task]["element_acc"])
+        )
+    assert float(logged["test/L1"]) == results["MIGE"]["L1"]
     assert set(scenes) == {"MIGE", "copy-the-input baseline"}
     assert {"subject", "edit", "subject_edit"} <= set(scenes["MIGE"])
     assert scenes["copy-the-input baseline"]["subject_edit"]["scene_acc"] == 0.0
@@ -100,8 +107,8 @@ def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
 
 
 def test_judging_needs_a_predict_log(tmp_path):
-    from datamodules.synthetic import generate
-    from mige_lightning.synthetic_report import judge_predictions
+    from entrypoints.judge_synthetic import judge_predictions
+    from mige_lightning.synthetic import generate
 
     generate(tmp_path / "w", num_samples=8, size=32)
     with pytest.raises(FileNotFoundError, match="predictions.jsonl"):
@@ -120,9 +127,9 @@ def test_judge_checkpoint_and_the_replication_table(trained, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from replicate_mutual import SETTINGS, write_results
 
-    from mige_lightning.synthetic_report import judge_checkpoint
+    from entrypoints.judge_synthetic import judge_checkpoint
 
-    root, _, ckpt = trained
+    root, ckpt = trained
     judged = judge_checkpoint(ckpt, root / "world")
     tasks = ("subject", "edit", "subject_edit")
     assert all(0 <= judged["model"][t]["scene_acc"] <= 1 for t in tasks)

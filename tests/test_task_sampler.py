@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.datamodule import MIGEDataModule
-from datamodules.synthetic import generate
 from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler
+from datamodules.training_data import TrainingDataModule
+from mige_lightning.synthetic import generate
 
 POOLS = {  # deliberately unbalanced pool sizes: the ratios must come from the weights, not the data
     "subject": list(range(0, 9000)),
@@ -85,7 +85,7 @@ class Recorder(L.LightningModule):
 
 
 def _dm(world_root, workers):
-    dm = MIGEDataModule(
+    dm = TrainingDataModule(
         synthetic={"root": str(world_root), "num_samples": 48, "size": 16},
         batch_size=4,
         num_workers=workers,
@@ -158,7 +158,7 @@ def _fit_tiny_mige(world: Path, root: Path, max_steps: int, ckpt_path: str | Non
             ModelCheckpoint(dirpath=root / "ck", every_n_train_steps=10, save_top_k=-1),
         ],
     )
-    dm = MIGEDataModule(
+    dm = TrainingDataModule(
         synthetic={"root": str(world), "num_samples": 48, "size": 16},
         batch_size=4,
         seed=5,

@@ -10,10 +10,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.flop_counter import FlopCounterMode
 
 from callbacks.throughput import MFUMonitor
-from datamodules.datamodule import MIGEDataModule
-from datamodules.synthetic import generate
+from datamodules.training_data import TrainingDataModule
 from mige_lightning.flops import PEAK_FLOPS, measured_matmul_flops, peak_flops
 from mige_lightning.module import MIGELightningModule
+from mige_lightning.synthetic import generate
 from tests.conftest import make_batch
 
 
@@ -33,7 +33,7 @@ def test_mfu_monitor_counts_the_real_step_and_logs_throughput_and_mfu(tmp_path):
         limit_val_batches=0,  # the training throughput only
         callbacks=[monitor],
     )
-    data = MIGEDataModule(
+    data = TrainingDataModule(
         synthetic={"root": str(tmp_path / "world"), "num_samples": 24, "size": 16},
         batch_size=4,
         check_images=False,
@@ -45,7 +45,7 @@ def test_mfu_monitor_counts_the_real_step_and_logs_throughput_and_mfu(tmp_path):
     torch.manual_seed(0)
     fresh = MIGELightningModule("tiny", p_drop_condition=0, p_drop_input=0, p_drop_both=0, warmup_steps=1)
     fresh.configure_model()
-    again = MIGEDataModule(
+    again = TrainingDataModule(
         synthetic={"root": str(tmp_path / "world"), "num_samples": 24, "size": 16},
         batch_size=4,
         check_images=False,

@@ -1,7 +1,8 @@
-"""LightningDataModule: manifests → validated records → task-balanced, resumable batches.
+"""The training data module (``fit`` / ``validate``): manifests → validated records →
+task-balanced, resumable batches; held-out records → Lightning's validation loop.
 
 The model late-binds its image sizes, reference limit and VAE identity through ``connect()``
-(called from the LightningModule's ``setup``), so data and model cannot disagree.
+(called from the LightningModule's ``configure_model``), so data and model cannot disagree.
 """
 
 from __future__ import annotations
@@ -11,16 +12,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.benchmarks import BenchmarkDataset, read_benchmark
+from datamodules.base import MIGEDataModule
 from datamodules.dataset import MIGEDataset, collate
 from datamodules.heldout import HeldOutBatches, RankLocalSampler, as_is, shard_heldout
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
-from datamodules.requests import RequestDataset, collate_requests, read_requests
 from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler, check_pool_weights
 from datamodules.validation import check_records, resolve_problems
 from mige_lightning.transforms import Transforms
@@ -71,7 +70,7 @@ def check_manifest_spec(spec: Any, index: int, *, key: str = "data.manifests") -
     return dict(spec)
 
 
-class MIGEDataModule(L.LightningDataModule):
+class TrainingDataModule(MIGEDataModule):
     """Args:
     manifests: ``[{path: edit.json, task: edit, subtask: null, base: null}, …]``; ``task`` may
         instead come from each record's ``task`` field; ``base``: the folder the manifest's relative
@@ -87,16 +86,12 @@ class MIGEDataModule(L.LightningDataModule):
     on_bad_record: ``error`` (one report of every bad record) or ``skip`` (drop, log counts).
     check_images: decode every image during validation (catches truncated files up front).
     latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
-    predict_requests: JSONL request file for ``predict`` (``datamodules/requests.py``); bad requests
-        are reported with their line and skipped.
     val_manifests: held-out records for Lightning's validation loop (sampled in the module's
         ``validation_step``, scored by ``callbacks.validation_metrics.ValidationMetrics``); with
         ``synthetic``, its ``heldout`` split is added. When and how much: ``trainer.val_check_interval``
         / ``check_val_every_n_epoch`` / ``limit_val_batches``.
     val_per_task: the first this-many held-out records of each task (null: all).
     val_batch_size: held-out requests sampled together (one task per batch).
-    benchmark: test set for ``test`` (``datamodules/benchmarks.py``), e.g.
-        ``{name: magicbrush, root: /data/MagicBrush/test, reference: target, turns: single}``.
     """
 
     def __init__(
@@ -113,9 +108,6 @@ class MIGEDataModule(L.LightningDataModule):
         on_bad_record: str = "error",
         check_images: bool = True,
         latent_cache: str | None = None,
-        predict_requests: str | None = None,
-        predict_batch_size: int = 4,
-        benchmark: dict[str, Any] | None = None,
         val_manifests: list[dict[str, Any]] | None = None,
         val_per_task: int | None = None,
         val_batch_size: int = 8,
@@ -124,23 +116,22 @@ class MIGEDataModule(L.LightningDataModule):
         vision_mean: tuple[float, float, float] | None = None,
         vision_std: tuple[float, float, float] | None = None,
     ):
-        super().__init__()
-        if not manifests and not synthetic and not predict_requests and not benchmark:
-            raise ValueError("data: give `manifests`, `synthetic`, `predict_requests` or `benchmark`")
+        super().__init__(num_workers=num_workers)
+        if not manifests and not synthetic:
+            raise ValueError(
+                "data: give `manifests` or `synthetic` to train on (predict: data.class_path "
+                "datamodules.RequestDataModule; test: datamodules.BenchmarkDataModule)"
+            )
         self.manifests = [check_manifest_spec(spec, i) for i, spec in enumerate(manifests or [])]
         self.synthetic = dict(synthetic) if synthetic else None
         self.root = root
         self.batch_size = batch_size
-        self.num_workers = num_workers
         self.task_weights = dict(task_weights or DEFAULT_WEIGHTS)
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.on_bad_record = on_bad_record
         self.check_images = check_images
         self.latent_cache = latent_cache
-        self.predict_requests = predict_requests
-        self.predict_batch_size = predict_batch_size
-        self.benchmark = dict(benchmark) if benchmark else None
         self.val_manifests = [
             check_manifest_spec(spec, i, key="data.val_manifests")
             for i, spec in enumerate(val_manifests or [])
@@ -151,8 +142,6 @@ class MIGEDataModule(L.LightningDataModule):
         self.vision_resolution = vision_resolution
         self.vision_mean = vision_mean
         self.vision_std = vision_std
-        self.max_images: int | None = None
-        self.vae_identity: str | None = None
         self.records: list[Record] = []
         self._parse_problems: list[Problem] = []
         self._validated = False
@@ -169,7 +158,7 @@ class MIGEDataModule(L.LightningDataModule):
         max_images: int | None = None,
         vae_identity: str | None = None,
     ) -> None:
-        """Late-bind the model's settings (litgpt-style); an explicit conflicting value is an error."""
+        """Late-bind the model's settings; an explicit conflicting image size is an error."""
         for name, value in (("resolution", resolution), ("vision_resolution", vision_resolution)):
             mine = getattr(self, name)
             if mine is not None and mine != value:
@@ -177,13 +166,19 @@ class MIGEDataModule(L.LightningDataModule):
             setattr(self, name, value)
         self.vision_mean = self.vision_mean or tuple(vision_mean)
         self.vision_std = self.vision_std or tuple(vision_std)
-        self.max_images = max_images
-        self.vae_identity = vae_identity
+        super().connect(
+            resolution=resolution,
+            vision_resolution=vision_resolution,
+            vision_mean=vision_mean,
+            vision_std=vision_std,
+            max_images=max_images,
+            vae_identity=vae_identity,
+        )
 
     def manifest_specs(self) -> list[dict[str, Any]]:
         specs = list(self.manifests)
         if self.synthetic:
-            from datamodules.synthetic import manifest_specs
+            from mige_lightning.synthetic import manifest_specs
 
             specs += manifest_specs(self.synthetic.get("root", "data/demo"), "train")
         return specs
@@ -197,7 +192,7 @@ class MIGEDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------- stages
     def prepare_data(self) -> None:
         if self.synthetic:
-            from datamodules.synthetic import generate
+            from mige_lightning.synthetic import generate
 
             spec = dict(self.synthetic)
             root = Path(spec.pop("root", "data/demo"))
@@ -205,8 +200,8 @@ class MIGEDataModule(L.LightningDataModule):
                 generate(root, **spec)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage in ("predict", "test") or self.records or self._parse_problems:
-            return  # predict / test read only their request file / benchmark
+        if self.records or self._parse_problems:
+            return
         for spec in self.manifest_specs():
             records, problems = read_manifest(
                 spec["path"], task=spec.get("task"), subtask=spec.get("subtask"), base=spec.get("base")
@@ -254,7 +249,7 @@ class MIGEDataModule(L.LightningDataModule):
         """Held-out records (``val_manifests`` + the synthetic world's held-out split); bad ones are an error."""
         specs = list(self.val_manifests)
         if self.synthetic:
-            from datamodules.synthetic import manifest_specs
+            from mige_lightning.synthetic import manifest_specs
 
             specs += manifest_specs(self.synthetic.get("root", "data/demo"), "heldout")
         records, problems = [], []
@@ -330,46 +325,6 @@ class MIGEDataModule(L.LightningDataModule):
         )
         return DataLoader(
             HeldOutBatches(batches), batch_size=None, sampler=RankLocalSampler(len(batches)), collate_fn=as_is
-        )
-
-    def predict_dataloader(self) -> DataLoader:
-        if not self.predict_requests:
-            raise ValueError("data.predict_requests: give the JSONL request file to predict from")
-        requests, problems = read_requests(self.predict_requests)
-        if self.max_images is not None:  # more references than the model takes: that request only
-            too_many = [r for r in requests if len(r.images) > self.max_images]
-            problems += [
-                Problem(
-                    r.origin,
-                    "too many references",
-                    f"{len(r.images)} images; the model allows {self.max_images}",
-                )
-                for r in too_many
-            ]
-            requests = [r for r in requests if len(r.images) <= self.max_images]
-        for p in problems:
-            log.error("skipping request %s", p)
-        if problems:
-            log.warning("skipped %d bad request(s) of %d", len(problems), len(problems) + len(requests))
-        if not requests:
-            raise ManifestError(f"{self.predict_requests}: no valid request to run", problems=problems)
-        return DataLoader(
-            RequestDataset(requests),
-            batch_size=self.predict_batch_size,
-            collate_fn=collate_requests,
-            num_workers=self.num_workers,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        if not self.benchmark:
-            raise ValueError("data.benchmark: give the benchmark to test on, e.g. {name: emu_edit, root: …}")
-        items = read_benchmark(self.benchmark)
-        log.info("benchmark %s: %d items", self.benchmark.get("name"), len(items))
-        return DataLoader(
-            BenchmarkDataset(items),
-            batch_size=self.predict_batch_size,
-            collate_fn=collate_requests,
-            num_workers=self.num_workers,
         )
 
     # ---------------------------------------------------------------------------- resumption

@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from datamodules.datamodule import MIGEDataModule
 from datamodules.latent_cache import build_cache
+from datamodules.training_data import TrainingDataModule
 from mige_lightning.module import MIGELightningModule
 
 log = logging.getLogger(__name__)
 
 
-def cache_latents(module: MIGELightningModule, datamodule: MIGEDataModule, *, batch_size: int = 16) -> Path:
+def cache_latents(
+    module: MIGELightningModule, datamodule: TrainingDataModule, *, batch_size: int = 16
+) -> Path:
     if not datamodule.latent_cache:
         raise ValueError("data.latent_cache: set the directory the cache should be written to")
     module.configure_model()

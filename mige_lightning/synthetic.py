@@ -105,7 +105,7 @@ class _World:
 
     @staticmethod
     def truth(sprites, bg: str, kind: str, *, source: tuple[list, str] | None = None) -> dict:
-        """What the target (and the source) show, for the pixel judge (``datamodules/scene_judge.py``)."""
+        """What the target (and the source) show, for the pixel judge (``mige_lightning/scene_judge.py``)."""
 
         def scene(sprites, bg):
             return {

@@ -1,5 +1,5 @@
-"""``python -m mige_lightning {fit,validate,test,predict,cache-latents,export,convert-authors,inspect,
-inspect-manifest,judge-synthetic} …``.
+"""``python -m mige_lightning {fit,validate,test,predict} …``: the LightningCLI (``entrypoints/main.py``
+dispatches the other subcommands).
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
 a config says otherwise, every run logs to TensorBoard under ``runs/<name>/version_<n>/`` and
@@ -13,20 +13,20 @@ checkpoint there when no ``--ckpt_path`` is given, and requeues on the pre-empti
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import sys
-import warnings
 from pathlib import Path
 
+import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from callbacks.slurm_requeue import PreemptionCheckpoint
-from datamodules.datamodule import MIGEDataModule
-from mige_lightning.module import MIGELightningModule
-from mige_lightning.slurm import (
+from datamodules.base import MIGEDataModule
+from entrypoints.slurm import (
     logger_init_args,
     logger_run_root,
     newest_checkpoint,
@@ -34,6 +34,7 @@ from mige_lightning.slurm import (
     use_job_run_dir,
     version_folder,
 )
+from mige_lightning.module import MIGELightningModule
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -54,6 +55,28 @@ TRAINER_DEFAULTS = {
         {"class_path": "callbacks.validation_metrics.ValidationMetrics"},
     ],
 }
+
+# the data module of each path (``data.class_path``; fit's default when a config gives none) and
+# the dataloader it has to provide
+TRAINING_DATA = "datamodules.TrainingDataModule"
+DATA_FOR = {
+    "fit": ("train_dataloader", TRAINING_DATA),
+    "validate": ("val_dataloader", TRAINING_DATA),
+    "predict": ("predict_dataloader", "datamodules.RequestDataModule (e.g. configs/predict/demo.yaml)"),
+    "test": ("test_dataloader", "datamodules.BenchmarkDataModule (configs/eval/<benchmark>.yaml)"),
+}
+
+
+def check_data_for(subcommand: str, class_path: str) -> None:
+    """A data module without the subcommand's dataloader: say which one serves it, before any build."""
+    method, serves = DATA_FOR[subcommand]
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if getattr(cls, method) is getattr(L.LightningDataModule, method):
+        raise ValueError(
+            f"`{subcommand}` needs a data module with {method}(); data.class_path is {class_path}. "
+            f"Give data.class_path: {serves}"
+        )
 
 
 # sampling / evaluation settings (MIGELightningModule.RUNTIME_OPTIONS): a value given on the
@@ -124,8 +147,12 @@ class MIGECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # parser defaults (not Trainer defaults): a config's own logger / callbacks replace them
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+        # a config whose data section has no class_path (fit's): the training data module
+        parser.set_defaults({"data": {"class_path": TRAINING_DATA}})
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand in DATA_FOR:
+            check_data_for(self.subcommand, self.config[self.subcommand]["data"]["class_path"])
         if self.subcommand == "fit":  # under SLURM: runs/<name>/slurm_<job id>/, kept across requeues
             if use_job_run_dir(self.config["fit"]["trainer"]) is None:
                 refuse_taken_version(self.config["fit"])
@@ -157,47 +184,17 @@ class MIGECLI(LightningCLI):
                 sys.exit(callback.exit_code)
 
 
-def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["cache-latents"]:
-        # an extra subcommand with fit's config: build model + data, encode every image once
-        from mige_lightning.cache_latents import cache_latents
-
-        with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = _cli(argv[1:], run=False)
-        cache_latents(cli.model, cli.datamodule)
-        return cli
-    if argv[:1] == ["judge-synthetic"]:
-        # score a predict run on the synthetic world's held-out requests from pixels
-        from mige_lightning.synthetic_report import main as judge_main
-
-        return judge_main(argv[1:])
-    if argv[:1] in (["inspect"], ["inspect-manifest"]):
-        # what is in a set of manifests: tasks (declared and by shape), references, sizes, problems
-        from datamodules.manifest_report import main as inspect_main
-
-        return inspect_main(argv[1:], by_config=argv[0] == "inspect")
-    if argv[:1] == ["convert-authors"]:
-        # the authors' released model.pth → model.safetensors + the config that loads it
-        from mige_lightning.authors_checkpoint import main as convert_main
-
-        return convert_main(argv[1:])
-    if argv[:1] == ["export"]:
-        # a (sharded) checkpoint → one safetensors file + config, with fit's config for the model
-        from mige_lightning.export import export_main
-
-        return export_main(argv[1:])
-    return _cli(args, run=run)
+# the module, any of the data modules (``data.class_path``; TRAINING_DATA by default), omegaconf
+# interpolation across sections
+CLI_CLASSES = {
+    "model_class": MIGELightningModule,
+    "datamodule_class": MIGEDataModule,
+    "subclass_mode_data": True,
+    "parser_kwargs": {"parser_mode": "omegaconf"},
+}
 
 
-def _cli(args: list[str] | None, *, run: bool) -> MIGECLI:
-    return MIGECLI(
-        MIGELightningModule,
-        MIGEDataModule,
-        subclass_mode_data=False,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+def run_cli(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
+    """LightningCLI over the module and the data modules (``fit`` / ``validate`` / ``test`` / ``predict``)."""
+    return MIGECLI(**CLI_CLASSES, save_config_kwargs={"overwrite": True}, args=args, run=run)
+

@@ -12,23 +12,15 @@ among ``hpc_ckpt_*.ckpt`` and the ``last*.ckpt`` of each ``ModelCheckpoint``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from callbacks.slurm_requeue import slurm_job_id
 from mige_lightning.checkpoint_state import load_checkpoint_file
 
 log = logging.getLogger(__name__)
-
-
-def slurm_job_id() -> str | None:
-    """``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID`` (the id survives a requeue)."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job is not None:
-        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def job_run_version() -> str | None:

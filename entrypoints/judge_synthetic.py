@@ -3,7 +3,7 @@
     python -m mige_lightning judge-synthetic --world data/demo --predictions predictions/demo
 
 Reads ``<predictions>/predictions.jsonl`` (ids as in the world's ``heldout_requests.jsonl``), reads
-every output image back with the pixel judge (``datamodules/scene_judge.py``), and writes beside
+every output image back with the pixel judge (``mige_lightning/scene_judge.py``), and writes beside
 the predictions: ``judge.csv`` (one row per image: what was wrong), ``judge.json`` and
 ``judge.md`` (scene / element accuracy per task and per edit kind, with the copy-the-input
 baseline row) and ``contact_sheet.png`` (per row: source | references | output | target). The
@@ -21,8 +21,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
 
-from datamodules.images import load_rgb
-from datamodules.scene_judge import JudgedSample, SceneAccuracy, format_table, load_truth, world_size
+from mige_lightning.images import load_rgb
+from mige_lightning.scene_judge import JudgedSample, SceneAccuracy, format_table, load_truth, world_size
 
 
 def contact_sheet(samples: list[JudgedSample], outputs: list, path: Path, *, tile: int = 96) -> None:

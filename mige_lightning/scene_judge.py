@@ -1,6 +1,6 @@
 """Reads a generated image of the synthetic world back into a scene and scores it against the truth.
 
-The synthetic world (``datamodules/synthetic.py``) knows the scene every target was rendered
+The synthetic world (``mige_lightning/synthetic.py``) knows the scene every target was rendered
 from; this module reads an image — the model's output, or any image — back from pixels:
 
 - the background colour: the median of the rows no sprite ever reaches, nearest of the four
@@ -35,7 +35,7 @@ import PIL.Image
 import torch
 from torchmetrics import Metric
 
-from datamodules.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Sprite, render
+from mige_lightning.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Sprite, render
 
 KIND_TASK = {
     "subject": "subject",
@@ -200,7 +200,7 @@ def world_size(root: str | Path) -> int:
 
 def load_truth(root: str | Path, split: str = "heldout") -> dict[str, JudgedSample]:
     """``{request id: sample}`` for one split of a generated world (ids as in its request file)."""
-    from datamodules.synthetic import TASK_FILES
+    from mige_lightning.synthetic import TASK_FILES
 
     root = Path(root)
     out = {}

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from datamodules.datamodule import MIGEDataModule
+from entrypoints.cli import CLI_CLASSES, MIGECLI
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY, load_checkpoint_file
-from mige_lightning.cli import MIGECLI
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.prompt import PROMPT_VERSION
 
-FORMAT = "mige_lightning.export/1"
+FORMAT = "entrypoints.export/1"
 WEIGHTS = ("auto", "raw", "ema")
 
 
@@ -155,14 +154,7 @@ def export_main(argv: list[str]) -> Path:
     args, rest = parser.parse_known_args(argv)
     with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _ModelOnlyCLI(
-            MIGELightningModule,
-            MIGEDataModule,
-            subclass_mode_data=False,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            args=rest,
-            run=False,
-        )
+        cli = _ModelOnlyCLI(**CLI_CLASSES, args=rest, run=False)
     target = export_checkpoint(cli.model, args.ckpt_path, args.output, weights=args.weights)
     print(f"wrote {target} and {target.parent / 'config.json'}")
     return target
