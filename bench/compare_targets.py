@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from datamodules.training_data import TrainingDataModule  # noqa: E402
-from entrypoints.judge_synthetic import judge_module  # noqa: E402
+from mige_cli.judge_synthetic import judge_module  # noqa: E402
 from mige_lightning.module import MIGELightningModule  # noqa: E402
 
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design

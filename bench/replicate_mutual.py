@@ -27,7 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from entrypoints.judge_synthetic import judge_checkpoint  # noqa: E402
+from mige_cli.judge_synthetic import judge_checkpoint  # noqa: E402
 
 SETTINGS = {
     "joint": "(a) joint",

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import get_constant_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from mige_lightning.checkpoint_state import (
     gather_rng_states,
@@ -34,6 +34,7 @@ from mige_lightning.prompt import PROMPT_STYLES, PROMPT_VERSION, Task, build_pro
 from mige_lightning.sharding import build_sharded_mige, enable_activation_checkpointing, shard_mige
 
 log = logging.getLogger(__name__)
+LR_SCHEDULES = ("constant", "cosine")
 
 # The frozen ViT and VAE are in eval mode on purpose (paper §3.3); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -44,7 +45,9 @@ class MIGELightningModule(L.LightningModule):
     preset: ``tiny`` / ``mid`` / ``xl`` (``models/presets.py``).
     overrides: per-component constructor kwargs merged into the preset, e.g. ``{dit: {num_layers: 4}}``.
     pretrained: hub ids or local dirs per component, merged into the preset's (null = random init).
-    lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up then constant (the paper's recipe).
+    lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up (the paper's recipe).
+    lr_schedule: after the warm-up, ``constant`` (the paper's) or ``cosine`` (down to 0 at the run's
+        last optimiser step, ``trainer.max_steps`` / epochs).
     num_train_timesteps, beta_schedule: the DDPM noise schedule (PixArt: 1000, linear).
     prediction_type: what the DiT's mean channels predict — ``epsilon`` (the paper), ``v_prediction``
         or ``sample`` (x₀); the sampler is configured to match.
@@ -81,7 +84,7 @@ class MIGELightningModule(L.LightningModule):
     """
 
     # how to sample and score, not what was trained: given on the command line, they win over a
-    # checkpoint's saved values (entrypoints/cli.py), and test / predict record them
+    # checkpoint's saved values (mige_cli/cli.py), and test / predict record them
     RUNTIME_OPTIONS = (
         "sampler",
         "predict_seed",
@@ -103,6 +106,7 @@ class MIGELightningModule(L.LightningModule):
         eps: float = 1e-10,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 1000,
+        lr_schedule: str = "constant",
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         prediction_type: str = "epsilon",
@@ -129,6 +133,8 @@ class MIGELightningModule(L.LightningModule):
         # validated here, at start-up: unknown preset / key, missing local path → clear error
         self.config = get_config(preset, overrides, pretrained)
         check_task_defaults(task_defaults)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"model.lr_schedule: {lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"model.prompt_style: {prompt_style!r}; choose one of {PROMPT_STYLES}")
         if init_weights is not None:
@@ -349,7 +355,11 @@ class MIGELightningModule(L.LightningModule):
             eps=hp.eps,
             betas=tuple(hp.betas),
         )
-        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=hp.warmup_steps)
+        if hp.lr_schedule == "cosine":
+            total = self.trainer.estimated_stepping_batches  # optimiser steps of the whole run
+            scheduler = get_cosine_schedule_with_warmup(optimizer, hp.warmup_steps, total)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -------------------------------------------------------------------------------- checkpoints

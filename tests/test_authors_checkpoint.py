@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from entrypoints.main import main as cli_main
+from mige_cli.main import main as cli_main
 from mige_lightning.authors_checkpoint import (
     ConversionError,
     convert_state_dict,

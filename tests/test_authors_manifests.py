@@ -19,7 +19,7 @@ from PIL import Image
 from datamodules.records import ManifestError, infer_task, read_manifest, subtask_by_wording
 from datamodules.training_data import TrainingDataModule
 from datamodules.validation import check_records, resolve_problems
-from entrypoints.main import main as cli_main
+from mige_cli.main import main as cli_main
 
 SIZES = {
     "subject.jpg": (150, 83),

@@ -13,7 +13,7 @@ import pytest
 
 from datamodules.benchmarks import parse_dreambench_prompts, read_benchmark, rewrite_emu_instruction
 from datamodules.records import ManifestError
-from entrypoints.main import main
+from mige_cli.main import main
 from mige_lightning import metrics as M
 from tests.metric_backbones import save_tiny_backbones
 

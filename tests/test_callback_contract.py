@@ -17,7 +17,7 @@ import torch
 
 import callbacks
 from callbacks.ema import EMA
-from entrypoints.main import main
+from mige_cli.main import main
 from tests.conftest import LinearModule, bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entrypoints.main import main
+from mige_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
@@ -335,7 +335,7 @@ def test_command_line_sampling_options_win_over_the_checkpoints(tmp_path, monkey
 def test_a_path_given_the_training_data_module_says_which_one_serves_it(subcommand, serves, monkeypatch):
     """predict / test on fit's config alone (no overlay naming their data module): a clear error
     before anything is built, naming the data module and the configs that set it."""
-    from entrypoints.cli import MIGECLI
+    from mige_cli.cli import MIGECLI
 
     built = []
     monkeypatch.setattr(MIGECLI, "instantiate_classes", lambda self: built.append(1))

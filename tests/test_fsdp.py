@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from entrypoints.export import load_exported
-from entrypoints.main import main
+from mige_cli.export import load_exported
+from mige_cli.main import main
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY
 from tests.fsdp_probe import REPO, cli_env, fit_command, sample, write_overlay
 

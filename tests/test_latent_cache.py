@@ -10,7 +10,7 @@ import torch
 from datamodules.dataset import MIGEDataset
 from datamodules.latent_cache import LatentCache, StaleCacheError, build_cache
 from datamodules.records import read_manifest
-from entrypoints.main import main
+from mige_cli.main import main
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.synthetic import generate
 from mige_lightning.transforms import Transforms

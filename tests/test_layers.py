@@ -1,6 +1,6 @@
 """The dependency direction of the project's packages (docs/DESIGN.md, "Layers"):
 
-    entrypoints            the CLI and every command (+ ``mige_lightning/__main__.py``, its launcher)
+    mige_cli            the CLI and every command (+ ``mige_lightning/__main__.py``, its launcher)
        │         │
     datamodules  callbacks siblings: neither imports the other
        │         │
@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("mige_lightning", "datamodules", "callbacks", "entrypoints")
+PACKAGES = ("mige_lightning", "datamodules", "callbacks", "mige_cli")
 MAY_IMPORT = {
     "mige_lightning": {"mige_lightning"},
     "datamodules": {"mige_lightning", "datamodules"},
     "callbacks": {"mige_lightning", "callbacks"},
-    "entrypoints": set(PACKAGES),
+    "mige_cli": set(PACKAGES),
 }
-LAUNCHER = Path("mige_lightning/__main__.py")  # `python -m mige_lightning`: runs entrypoints.main
+LAUNCHER = Path("mige_lightning/__main__.py")  # `python -m mige_lightning`: runs mige_cli.main
 
 
 def project_imports(path: Path) -> set[str]:
@@ -46,7 +46,7 @@ def layer_violations(root: Path) -> list[str]:
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             rel = path.relative_to(root)
-            layer = "entrypoints" if rel == LAUNCHER else package
+            layer = "mige_cli" if rel == LAUNCHER else package
             wrong = project_imports(path) - MAY_IMPORT[layer]
             if wrong:
                 bad.append(f"{rel} ({layer}) imports {sorted(wrong)}")

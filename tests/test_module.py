@@ -8,7 +8,7 @@ import torch
 
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.prompt import PROMPT_VERSION
-from tests.conftest import make_batch
+from tests.conftest import bare_trainer, make_batch
 
 
 def test_optimiser_holds_exactly_the_trainable_parameters_with_spec_defaults():
@@ -169,3 +169,35 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_the_limit(t
     assert all(torch.isfinite(t).all() for t in ema.shadow.values())
     assert "non-finite loss" in caplog.text and "non-finite gradients" in caplog.text
     assert "(2 in a row, the limit is 3)" in caplog.text
+
+
+@pytest.mark.parametrize(("schedule", "last_lr"), [("constant", 1e-3), ("cosine", 0.0)])
+def test_learning_rate_schedule_after_the_warm_up(schedule, last_lr, tmp_path):
+    """constant keeps the rate after the warm-up; cosine reaches 0 at the run's last optimiser step
+    (counted by the Trainer: max_steps here, accumulation included)."""
+    torch.manual_seed(0)
+    module = MIGELightningModule("tiny", lr=1e-3, warmup_steps=2, lr_schedule=schedule)
+    batch = make_batch(module.config, [1, 1])
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = bare_trainer(tmp_path, max_steps=6, accumulate_grad_batches=2, callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 12, batch_size=None))
+    per_step = seen[::2]  # one value per optimiser step (two micro-batches each)
+    assert per_step[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # linear warm-up over 2 steps
+    assert scheduler_lr(trainer) == pytest.approx(last_lr, abs=1e-12)
+    if schedule == "cosine":
+        assert per_step[2] > per_step[3] > per_step[4] > per_step[5] > 0.0
+
+
+def scheduler_lr(trainer) -> float:
+    """The rate the scheduler sets after the run's last optimiser step."""
+    return trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+
+
+def test_an_unknown_learning_rate_schedule_is_refused():
+    with pytest.raises(ValueError, match="model.lr_schedule: 'linear'"):
+        MIGELightningModule("tiny", lr_schedule="linear")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from entrypoints.main import main
+from mige_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import Namespace
 
 from callbacks.slurm_requeue import next_hpc_checkpoint, slurm_job_id
-from entrypoints.slurm import newest_checkpoint, use_job_run_dir
+from mige_cli.slurm import newest_checkpoint, use_job_run_dir
 from tests.fsdp_probe import cli_env, fit_command, write_overlay
 from tests.test_sharding import free_port
 
@@ -81,7 +81,7 @@ def test_crafted_checkpoints_are_refused_without_running_their_code(tmp_path, ca
     """Auto-resume scans the run folder for any hpc_ckpt_* / last*.ckpt: a file planted there that
     needs arbitrary unpickling must be skipped (named in the log) and its code never run; export
     refuses it with an error naming the file."""
-    from entrypoints.export import read_checkpoint
+    from mige_cli.export import read_checkpoint
     from mige_lightning.checkpoint_state import load_checkpoint_file
 
     marker = tmp_path / "code_ran"
@@ -219,8 +219,8 @@ def test_ckpt_path_last_finds_the_newest_checkpoint_of_the_run_or_fails_clearly(
     """Lightning resolves 'last' only inside the new run's own (empty) folder, so `fit --ckpt_path
     last` silently started from step 0. It now means the highest-step last*.ckpt / hpc_ckpt_* of
     any version of the run the logger names."""
-    from entrypoints.cli import last_checkpoint_of_run
-    from entrypoints.main import main
+    from mige_cli.cli import last_checkpoint_of_run
+    from mige_cli.main import main
 
     monkeypatch.chdir(tmp_path)
     trainer = {"logger": {"class_path": "x", "init_args": {"save_dir": "runs", "name": "demo"}}}
@@ -277,7 +277,7 @@ def test_submit_script_quotes_values_with_shell_characters(tmp_path):
 
 
 def test_a_new_run_into_a_taken_explicit_version_is_refused(tmp_path, monkeypatch):
-    from entrypoints.main import main
+    from mige_cli.main import main
 
     monkeypatch.chdir(tmp_path)
     taken = tmp_path / "runs/demo/version_3"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from entrypoints.main import main
+from mige_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
 
 
 def test_judging_needs_a_predict_log(tmp_path):
-    from entrypoints.judge_synthetic import judge_predictions
+    from mige_cli.judge_synthetic import judge_predictions
     from mige_lightning.synthetic import generate
 
     generate(tmp_path / "w", num_samples=8, size=32)
@@ -127,7 +127,7 @@ def test_judge_checkpoint_and_the_replication_table(trained, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from replicate_mutual import SETTINGS, write_results
 
-    from entrypoints.judge_synthetic import judge_checkpoint
+    from mige_cli.judge_synthetic import judge_checkpoint
 
     root, ckpt = trained
     judged = judge_checkpoint(ckpt, root / "world")

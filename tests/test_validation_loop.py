@@ -13,7 +13,7 @@ import yaml
 
 from datamodules.heldout import shard_heldout
 from datamodules.records import Record
-from entrypoints.main import main
+from mige_cli.main import main
 from mige_lightning.prompt import Task
 from tests.fsdp_probe import cli_env, fit_command
 

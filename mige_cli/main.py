@@ -1,6 +1,6 @@
 """``python -m mige_lightning <subcommand> …``: every command-line entry point, dispatched here.
 
-``fit`` / ``validate`` / ``test`` / ``predict`` go to the LightningCLI (``entrypoints/cli.py``);
+``fit`` / ``validate`` / ``test`` / ``predict`` go to the LightningCLI (``mige_cli/cli.py``);
 ``cache-latents``, ``export``, ``convert-authors``, ``inspect`` / ``inspect-manifest`` and
 ``judge-synthetic`` to their own modules. This package is the top layer: the only code that imports
 both the data modules and the callbacks (docs/DESIGN.md, "Layers").
@@ -11,14 +11,14 @@ from __future__ import annotations
 import sys
 import warnings
 
-from entrypoints.cli import MIGECLI, run_cli
+from mige_cli.cli import MIGECLI, run_cli
 
 
 def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["cache-latents"]:
         # an extra subcommand with fit's config: build model + data, encode every image once
-        from entrypoints.cache_latents import cache_latents
+        from mige_cli.cache_latents import cache_latents
 
         with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -27,7 +27,7 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
         return cli
     if argv[:1] == ["judge-synthetic"]:
         # score a predict run on the synthetic world's held-out requests from pixels
-        from entrypoints.judge_synthetic import main as judge_main
+        from mige_cli.judge_synthetic import main as judge_main
 
         return judge_main(argv[1:])
     if argv[:1] in (["inspect"], ["inspect-manifest"]):
@@ -42,7 +42,7 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
         return convert_main(argv[1:])
     if argv[:1] == ["export"]:
         # a (sharded) checkpoint → one safetensors file + config, with fit's config for the model
-        from entrypoints.export import export_main
+        from mige_cli.export import export_main
 
         return export_main(argv[1:])
     return run_cli(args, run=run)

@@ -1,4 +1,4 @@
-"""``python -m mige_lightning {fit,validate,test,predict} …``: the LightningCLI (``entrypoints/main.py``
+"""``python -m mige_lightning {fit,validate,test,predict} …``: the LightningCLI (``mige_cli/main.py``
 dispatches the other subcommands).
 
 The omegaconf parser mode makes ``${…}`` interpolation work across sections of one YAML. Unless
@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from callbacks.slurm_requeue import PreemptionCheckpoint
 from datamodules.base import MIGEDataModule
-from entrypoints.slurm import (
+from mige_cli.slurm import (
     logger_init_args,
     logger_run_root,
     newest_checkpoint,
@@ -197,4 +197,3 @@ CLI_CLASSES = {
 def run_cli(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
     """LightningCLI over the module and the data modules (``fit`` / ``validate`` / ``test`` / ``predict``)."""
     return MIGECLI(**CLI_CLASSES, save_config_kwargs={"overwrite": True}, args=args, run=run)
-

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from entrypoints.cli import CLI_CLASSES, MIGECLI
+from mige_cli.cli import CLI_CLASSES, MIGECLI
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY, load_checkpoint_file
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.prompt import PROMPT_VERSION
 
-FORMAT = "entrypoints.export/1"
+FORMAT = "mige_cli.export/1"
 WEIGHTS = ("auto", "raw", "ema")
 
 
