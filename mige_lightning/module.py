@@ -56,7 +56,8 @@ class MIGELightningModule(L.LightningModule):
     gradient_checkpointing: recompute DiT / T5 / Q-Former block activations in the backward pass.
     fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2, ``configs/trainer/fsdp.yaml``):
         bf16 parameters and compute, fp32 gradient reduction and master weights.
-    sampler: ``dpm++`` (DPM-Solver++ 2M), ``ddim`` or ``euler`` for ``predict`` / validation sampling.
+    sampler: ``dpm++`` (DPM-Solver++ 2M), ``dpm++sde`` (its stochastic form), ``ddim`` or ``euler`` for
+        ``predict`` / validation sampling.
     task_defaults: per-task sampling defaults replacing the paper's, e.g. ``{edit: {num_inference_steps:
         20, guidance_scale: 2.0, image_guidance_scale: 1.2}}`` (a request's own values still win).
     sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).

@@ -47,7 +47,15 @@ TASK_DEFAULTS: dict[Task, dict[str, float | int | None]] = {
     Task.EDIT: {"num_inference_steps": 60, "guidance_scale": 5.0, "image_guidance_scale": 1.0},
     Task.SUBJECT_EDIT: {"num_inference_steps": 60, "guidance_scale": 5.0, "image_guidance_scale": 1.0},
 }
-SCHEDULERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULERS = {
+    "dpm++": DPMSolverMultistepScheduler,
+    "dpm++sde": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+# the stochastic sampler's fresh noise per step: from each sample's own stream (its seed + this), so a
+# sample draws the same alone or in any batch
+STEP_NOISE_SEED_OFFSET = 1_000_003
 
 
 def make_scheduler(
@@ -60,7 +68,8 @@ def make_scheduler(
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
 ):
-    """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2.
+    """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2;
+    ``dpm++sde`` its stochastic form (SDE-DPM-Solver++, fresh noise at every step); ``ddim``; ``euler``.
     ``prediction_type`` must be what the model was trained to predict (``epsilon`` / ``v_prediction``
     / ``sample``).
 
@@ -76,8 +85,8 @@ def make_scheduler(
         beta_end=beta_end,
         prediction_type=prediction_type,
     )
-    if name == "dpm++":
-        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
+    if name in ("dpm++", "dpm++sde"):
+        kwargs.update(algorithm_type="dpmsolver++" if name == "dpm++" else "sde-dpmsolver++", solver_order=2)
         if clip_sample:
             kwargs.update(thresholding=True, sample_max_value=1.0)
     elif name == "ddim" and clip_sample:
@@ -432,6 +441,8 @@ class MIGEPipeline(DiffusionPipeline):
         latents = initial_noise(seeds, shape, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         # 6. denoising loop: one batched forward per step for all guidance branches
+        stochastic = str(getattr(self.scheduler.config, "algorithm_type", "")).startswith("sde")
+        streams = [torch.Generator("cpu").manual_seed(int(s) + STEP_NOISE_SEED_OFFSET) for s in seeds]
         for timestep in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(latents, timestep)
             t_batch = timestep.reshape(1).to(device).expand(n)
@@ -444,6 +455,10 @@ class MIGEPipeline(DiffusionPipeline):
                 guidance_scale=s_y,
                 image_guidance_scale=s_s,
             )
-            latents = self.scheduler.step(eps, timestep, latents, return_dict=False)[0]
+            step_noise = {}
+            if stochastic:
+                noise = [torch.randn(shape, generator=g) for g in streams]
+                step_noise["variance_noise"] = torch.stack(noise).to(device=device, dtype=dtype)
+            latents = self.scheduler.step(eps, timestep, latents, return_dict=False, **step_noise)[0]
 
         return latents
