@@ -144,3 +144,27 @@ def test_judge_checkpoint_and_the_replication_table(trained, tmp_path):
     write_results(runs, judged["baseline"], meta, path)  # rewritten in place, not appended
     text = path.read_text()
     assert text.startswith("# Results\n\nintro") and text.count("replicate-mutual:start") == 1
+
+
+@pytest.mark.slow
+def test_denoise_diagnosis_runs_on_a_checkpoint(trained, capsys):
+    """bench/denoise_diagnosis.py (docs/BENCHMARKS.md): judged one-step estimates per t, condition use, picture."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from denoise_diagnosis import JUDGED_T
+    from denoise_diagnosis import main as diagnose
+
+    root, ckpt = trained
+    picture = root / "diagnosis.png"
+    diagnose(
+        ["--ckpt", str(ckpt), "--world", str(root / "world"), "--split", "heldout", "--out", str(picture)]
+    )
+    printed = capsys.readouterr().out
+    judged = [
+        line
+        for line in printed.splitlines()
+        if line.startswith(("| subject (", "| edit (", "| subject_edit ("))
+    ]
+    assert len(judged) == 3 and all(line.count(" / ") == len(JUDGED_T) for line in judged)
+    assert printed.count("| edit | ") == 4 and Image.open(picture).size[0] > 0
