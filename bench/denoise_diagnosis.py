@@ -72,16 +72,17 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def estimate(module, batch, t: int, *, cond=None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x₀ and the one-step estimate from the target noised to step t."""
-    x0, cond_input, own, own_mask = module.encode_batch(batch)
+def estimate(module, encoded, t: int, *, cond=None, seed: int = 0) -> torch.Tensor:
+    """The one-step x₀ estimate from the target noised to step t (``encoded``: ``encode_batch``'s
+    output; ``cond``: another (condition, mask) than the batch's own)."""
+    x0, cond_input, own, own_mask = encoded
     c, mask = cond if cond is not None else (own, own_mask)
     steps = torch.full((len(x0),), t)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x_t = module.diffusion.add_noise(x0, noise, steps)
     out = module.model(x_t, steps, cond=c, cond_mask=mask, cond_input=cond_input)
     prediction = out[:, : x0.shape[1]]
-    return x0, module.diffusion.predict_xstart(prediction, x_t, steps).clamp(-1, 1)
+    return module.diffusion.predict_xstart(prediction, x_t, steps).clamp(-1, 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,11 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| task (held-out n) | " + " | ".join(f"t = {t}" for t in JUDGED_T) + " |")
     print("|---|" + "---|" * len(JUDGED_T))
     for task, records in heldout.items():
-        batch = batch_of(records, data.transforms)
+        with torch.no_grad():
+            encoded = module.encode_batch(batch_of(records, data.transforms))
         samples = [truth[str(r.target)] for r in records]
         cells = []
         for t in JUDGED_T:
-            _, x0_hat = estimate(module, batch, t)
+            x0_hat = estimate(module, encoded, t)
             judge = SceneAccuracy(size=size)
             judge.update([to_pil(x) for x in x0_hat], [s.scene for s in samples], [s.kind for s in samples])
             acc = judge.compute()[task]
@@ -118,13 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     for task, records in records_by_task(args.world, args.split, 48).items():
         batch = batch_of(records, data.transforms)
         n = len(records)
-        _, cond_input, cond, mask = module.encode_batch(batch)
-        null = module.encode_batch(batch, drop_condition=torch.ones(n, dtype=torch.bool))[2:]
+        with torch.no_grad():
+            encoded = module.encode_batch(batch)
+            null = module.encode_batch(batch, drop_condition=torch.ones(n, dtype=torch.bool))[2:]
+        x0, cond_input, cond, mask = encoded
         other = torch.roll(torch.arange(n), 1)
         for t in CONDITION_T:
             row = []
             for c in (None, (cond[other], mask[other]), null):
-                x0, x0_hat = estimate(module, batch, t, cond=c, seed=t)
+                x0_hat = estimate(module, encoded, t, cond=c, seed=t)
                 row.append((x0_hat - x0).abs().mean().item())
             copy = (cond_input - x0).abs().mean().item()
             print(f"| {task} | {t} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {copy:.3f} |")
@@ -132,9 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     tiles = []
     for task in TASKS:
         records = heldout[task][:6]
-        batch = batch_of(records, data.transforms)
-        x0, cond_input, _, _ = module.encode_batch(batch)
-        estimates = [estimate(module, batch, t)[1] for t in (950, 700, 400)]
+        with torch.no_grad():
+            encoded = module.encode_batch(batch_of(records, data.transforms))
+        x0, cond_input = encoded[:2]
+        estimates = [estimate(module, encoded, t) for t in (950, 700, 400)]
         for i in range(len(records)):
             tiles += [cond_input[i], x0[i]] + [e[i] for e in estimates]
     grid = make_grid((torch.stack(tiles).clamp(-1, 1) + 1) / 2, nrow=5, padding=2, pad_value=1)

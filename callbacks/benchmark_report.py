@@ -19,6 +19,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from mige_lightning.evaluation import tables_from_logged
+from mige_lightning.metrics import COLUMN_NAMES
+
 PAPER_COLUMNS = {
     "emu_edit": ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"],
     "magicbrush": ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"],
@@ -51,10 +54,6 @@ def _fmt(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-COLUMNS = ["DINO", "CLIP-I", "CLIP-T", "CLIPdir", "L1", "L2"]  # the model's figures, in table order
-SCENE_NAMES = ("scene_acc", "element_acc")
-
-
 class BenchmarkReport(L.Callback):
     def __init__(self, output_dir: str = "eval", benchmark: str | None = None, save_images: bool = False):
         self.output_dir = Path(output_dir)
@@ -84,7 +83,7 @@ class BenchmarkReport(L.Callback):
             return
         name = self.benchmark or getattr(trainer.datamodule, "name", None) or "benchmark"
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        results = split_logged(logged, rows)
+        results = tables_from_logged(logged, rows)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fields = list(dict.fromkeys(k for r in rows for k in r))
         with (self.output_dir / "per_sample.csv").open("w", newline="") as f:
@@ -100,7 +99,7 @@ class BenchmarkReport(L.Callback):
                 default=str,
             )
         )
-        columns = PAPER_COLUMNS.get(name) or [c for c in COLUMNS if c in results["MIGE"]]
+        columns = PAPER_COLUMNS.get(name) or [c for c in COLUMN_NAMES.values() if c in results["MIGE"]]
         lines = [
             f"# {name} ({len(rows)} samples)",
             "",
@@ -121,32 +120,3 @@ class BenchmarkReport(L.Callback):
             lines += ["", "| extra | value |", "|---|---|"]
             lines += [f"| {EXTRA_NAMES.get(k, k)} | {_fmt(v)} |" for k, v in results["extras"].items()]
         (self.output_dir / "results.md").write_text("\n".join(lines) + "\n")
-
-
-def split_logged(logged: dict[str, float], rows: list[dict]) -> dict:
-    """The module's logged ``test/…`` figures → ``{"MIGE", "copy-the-input baseline", "extras",
-    "scenes"}`` tables; the scene table's counts (n) come from the per-sample rows."""
-    out: dict = {"MIGE": {}, "copy-the-input baseline": {}, "extras": {}, "scenes": {}}
-    for key, value in logged.items():
-        parts = key.split("/")[1:]
-        label = "MIGE"
-        if parts[0] == "baseline":
-            label, parts = "copy-the-input baseline", parts[1:]
-        if parts[-1] in SCENE_NAMES:  # <task>[/<kind>]/<scene_acc|element_acc>
-            group = "/".join(parts[:-1])
-            out["scenes"].setdefault(label, {}).setdefault(group, {})[parts[-1]] = value
-        elif parts[0] in COLUMNS:
-            out[label][parts[0]] = value
-        elif label == "MIGE":
-            out["extras"][parts[0]] = value
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row.get("scene_correct") is not None and not math.isnan(row["scene_correct"]):
-            for group in {row["task"], f"{row['task']}/{row.get('kind')}"}:
-                counts[group] = counts.get(group, 0) + 1
-    for groups in out["scenes"].values():
-        for group, accs in groups.items():
-            accs["n"] = counts.get(group, 0)
-    if not out["scenes"]:
-        del out["scenes"]
-    return out

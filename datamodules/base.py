@@ -28,16 +28,10 @@ class MIGEDataModule(L.LightningDataModule):
         self.vae_identity: str | None = None
 
     def connect(
-        self,
-        *,
-        resolution: int,
-        vision_resolution: int,
-        vision_mean,
-        vision_std,
-        max_images: int | None = None,
-        vae_identity: str | None = None,
+        self, *, max_images: int | None = None, vae_identity: str | None = None, **image_settings
     ) -> None:
-        """Late-bind the model's settings (litgpt-style); this base keeps the reference limit and the
-        VAE identity, the training data module also the image sizes."""
+        """Late-bind the model's settings (litgpt-style): the module passes them all (``resolution``,
+        ``vision_resolution``, ``vision_mean``, ``vision_std`` too); this base keeps the reference
+        limit and the VAE identity, the training data module also the image settings."""
         self.max_images = max_images
         self.vae_identity = vae_identity

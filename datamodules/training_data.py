@@ -149,14 +149,7 @@ class TrainingDataModule(MIGEDataModule):
 
     # ------------------------------------------------------------------------------- wiring
     def connect(
-        self,
-        *,
-        resolution: int,
-        vision_resolution: int,
-        vision_mean,
-        vision_std,
-        max_images: int | None = None,
-        vae_identity: str | None = None,
+        self, *, resolution: int, vision_resolution: int, vision_mean, vision_std, **settings
     ) -> None:
         """Late-bind the model's settings; an explicit conflicting image size is an error."""
         for name, value in (("resolution", resolution), ("vision_resolution", vision_resolution)):
@@ -166,14 +159,7 @@ class TrainingDataModule(MIGEDataModule):
             setattr(self, name, value)
         self.vision_mean = self.vision_mean or tuple(vision_mean)
         self.vision_std = self.vision_std or tuple(vision_std)
-        super().connect(
-            resolution=resolution,
-            vision_resolution=vision_resolution,
-            vision_mean=vision_mean,
-            vision_std=vision_std,
-            max_images=max_images,
-            vae_identity=vae_identity,
-        )
+        super().connect(**settings)
 
     def manifest_specs(self) -> list[dict[str, Any]]:
         specs = list(self.manifests)

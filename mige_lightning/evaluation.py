@@ -14,6 +14,7 @@ preservation: the subject cropped from the output (pluggable ``crop_fn``) agains
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from mige_lightning.metrics import COLUMN_NAMES, CLIPImageScore, DINOScore, MeanScore, build_metrics
 
+SCENE_VALUES = ("scene_acc", "element_acc")  # per task / kind, from the synthetic world's judge
 CropFn = Callable[[PIL.Image.Image, PIL.Image.Image | None], PIL.Image.Image]
 
 
@@ -286,6 +288,36 @@ class BenchmarkRun:
         for label, groups in results.get("scenes", {}).items():
             prefix = "test" if label == "MIGE" else "test/baseline"
             for group, accs in groups.items():
-                for name in ("scene_acc", "element_acc"):
+                for name in SCENE_VALUES:
                     values[f"{prefix}/{group}/{name}"] = accs[name]
         return values
+
+
+def tables_from_logged(logged: dict[str, float], rows: list[dict]) -> dict:
+    """``BenchmarkRun.compute``'s keys, as logged, back into ``BenchmarkEvaluator.compute``'s tables
+    (``{"MIGE", "copy-the-input baseline", "extras", "scenes"}``); the scene table's counts (n)
+    come from the per-sample rows."""
+    out: dict = {"MIGE": {}, "copy-the-input baseline": {}, "extras": {}, "scenes": {}}
+    for key, value in logged.items():
+        parts = key.split("/")[1:]
+        label = "MIGE"
+        if parts[0] == "baseline":
+            label, parts = "copy-the-input baseline", parts[1:]
+        if parts[-1] in SCENE_VALUES:  # <task>[/<kind>]/<scene_acc|element_acc>
+            group = "/".join(parts[:-1])
+            out["scenes"].setdefault(label, {}).setdefault(group, {})[parts[-1]] = value
+        elif parts[0] in COLUMN_NAMES.values():
+            out[label][parts[0]] = value
+        elif label == "MIGE":
+            out["extras"][parts[0]] = value
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("scene_correct") is not None and not math.isnan(row["scene_correct"]):
+            for group in {row["task"], f"{row['task']}/{row.get('kind')}"}:
+                counts[group] = counts.get(group, 0) + 1
+    for groups in out["scenes"].values():
+        for group, accs in groups.items():
+            accs["n"] = counts.get(group, 0)
+    if not out["scenes"]:
+        del out["scenes"]
+    return out

@@ -442,7 +442,11 @@ class MIGEPipeline(DiffusionPipeline):
 
         # 6. denoising loop: one batched forward per step for all guidance branches
         stochastic = str(getattr(self.scheduler.config, "algorithm_type", "")).startswith("sde")
-        streams = [torch.Generator("cpu").manual_seed(int(s) + STEP_NOISE_SEED_OFFSET) for s in seeds]
+        streams = (
+            [torch.Generator("cpu").manual_seed(int(s) + STEP_NOISE_SEED_OFFSET) for s in seeds]
+            if stochastic
+            else []
+        )
         for timestep in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(latents, timestep)
             t_batch = timestep.reshape(1).to(device).expand(n)
