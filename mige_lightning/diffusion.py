@@ -7,7 +7,9 @@ The mean channels predict one of diffusers' three targets (``prediction_type``):
 paper's, PixArt's), ``v_prediction`` (v = √ᾱ ε − √(1−ᾱ) x₀) or ``sample`` (x₀). The MSE can be
 weighted per timestep by min-SNR-γ (Hang et al. 2023): weight = min(SNR, γ) / SNR for ε,
 min(SNR, γ) / (SNR + 1) for v and min(SNR, γ) for x₀ — the same weighting of the x₀ error for all
-three. Whatever the target, the variance channels are trained by the VLB through the x₀ the mean
+three. Training timesteps are drawn uniformly (the paper's) or from diffusers' SD3 densities
+(``logit_normal``: t = T·sigmoid(N(mean, std)); ``mode``), which can spend more of the steps on
+the high-noise levels where a sample's layout is decided. Whatever the target, the variance channels are trained by the VLB through the x₀ the mean
 channels imply (detached), so the learned variance means the same thing for every target.
 """
 
@@ -17,6 +19,7 @@ import math
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import nn
 
 
@@ -48,6 +51,31 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales) -> torch.Tensor
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names
+# how training timesteps are drawn: uniform, or a diffusers SD3 density with its arguments
+TIMESTEP_SAMPLING = {"uniform": (), "logit_normal": ("logit_mean", "logit_std"), "mode": ("mode_scale",)}
+
+
+def check_timestep_sampling(spec: dict | None) -> dict:
+    """``{scheme: uniform}`` (the default), ``{scheme: logit_normal, logit_mean: m, logit_std: s}`` or
+    ``{scheme: mode, mode_scale: c}``: every argument its scheme needs, none it does not."""
+    spec = {"scheme": "uniform"} if spec is None else dict(spec)
+    name = spec.get("scheme")
+    if name not in TIMESTEP_SAMPLING:
+        raise ValueError(
+            f"model.timestep_sampling.scheme: {name!r}; choose one of {sorted(TIMESTEP_SAMPLING)}"
+        )
+    want = set(TIMESTEP_SAMPLING[name])
+    given = set(spec) - {"scheme"}
+    if given != want:
+        raise ValueError(
+            f"model.timestep_sampling: scheme {name!r} takes {sorted(want) or 'no arguments'}, got {sorted(given)}"
+        )
+    for key in want:
+        if not isinstance(spec[key], int | float) or isinstance(spec[key], bool):
+            raise ValueError(f"model.timestep_sampling.{key}: a number, got {spec[key]!r}")
+    if name == "logit_normal" and spec["logit_std"] <= 0:
+        raise ValueError(f"model.timestep_sampling.logit_std: must be positive, got {spec['logit_std']}")
+    return spec
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +94,10 @@ class GaussianDiffusion(nn.Module):
         beta_end: float = 0.02,
         prediction_type: str = "epsilon",
         snr_gamma: float | None = None,
+        timestep_sampling: dict | None = None,
     ):
         super().__init__()
+        self.timestep_sampling = check_timestep_sampling(timestep_sampling)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type: unknown {prediction_type!r}; choose one of {list(PREDICTION_TYPES)}"
@@ -112,7 +142,13 @@ class GaussianDiffusion(nn.Module):
     def sample_timesteps(
         self, batch: int, *, device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        """Training timesteps [B] in [0, T), as ``timestep_sampling`` says."""
+        scheme = dict(self.timestep_sampling)
+        name = scheme.pop("scheme")
+        if name == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        u = compute_density_for_timestep_sampling(name, batch, **scheme, device=device, generator=generator)
+        return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
 
     def add_noise(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0) = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""

@@ -52,6 +52,9 @@ class MIGELightningModule(L.LightningModule):
     prediction_type: what the DiT's mean channels predict — ``epsilon`` (the paper), ``v_prediction``
         or ``sample`` (x₀); the sampler is configured to match.
     snr_gamma: min-SNR-γ loss weighting (e.g. 5.0); null = unweighted MSE (the paper).
+    timestep_sampling: how training timesteps are drawn: null / ``{scheme: uniform}`` (the paper),
+        ``{scheme: logit_normal, logit_mean: 1.0, logit_std: 1.0}`` (t = T·sigmoid(N(mean, std)):
+        a positive mean spends more steps at high noise) or ``{scheme: mode, mode_scale: 1.29}``.
     p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance.
     gradient_checkpointing: recompute DiT / T5 / Q-Former block activations in the backward pass.
     fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2, ``configs/trainer/fsdp.yaml``):
@@ -112,6 +115,7 @@ class MIGELightningModule(L.LightningModule):
         beta_schedule: str = "linear",
         prediction_type: str = "epsilon",
         snr_gamma: float | None = None,
+        timestep_sampling: dict[str, Any] | None = None,
         p_drop_condition: float = 0.05,
         p_drop_input: float = 0.05,
         p_drop_both: float = 0.05,
@@ -145,6 +149,7 @@ class MIGELightningModule(L.LightningModule):
             beta_schedule=beta_schedule,
             prediction_type=prediction_type,
             snr_gamma=snr_gamma,
+            timestep_sampling=timestep_sampling,
         )
         self.model: MIGE | None = None
         self._ema_weights: dict[str, torch.Tensor] | None = None

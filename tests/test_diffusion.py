@@ -165,3 +165,40 @@ def test_bad_prediction_settings_are_refused():
         GaussianDiffusion(prediction_type="x0")
     with pytest.raises(ValueError, match="snr_gamma"):
         GaussianDiffusion(snr_gamma=0)
+
+
+def test_timestep_sampling_density_spends_the_steps_where_it_says():
+    """uniform: a fraction 0.4 of the draws at t >= 600; logit_normal(1, 1): P(sigmoid(z) >= 0.6)
+    with z ~ N(1, 1), i.e. Φ(1 − logit 0.6) = 0.722; every draw a valid integer step."""
+    import math
+
+    n = 40_000
+    cases = {
+        None: 0.4,
+        "uniform": 0.4,
+        "logit_normal": 0.5 * (1 + math.erf((1.0 - math.log(0.6 / 0.4)) / math.sqrt(2))),
+    }
+    for scheme, want in cases.items():
+        spec = {"logit_normal": {"scheme": "logit_normal", "logit_mean": 1.0, "logit_std": 1.0}}.get(
+            scheme, None if scheme is None else {"scheme": scheme}
+        )
+        diffusion = GaussianDiffusion(timestep_sampling=spec)
+        torch.manual_seed(0)
+        t = diffusion.sample_timesteps(n, device="cpu")
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+        assert abs((t >= 600).float().mean().item() - want) < 0.01, scheme
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"scheme": "lognormal"}, "choose one of"),
+        ({"scheme": "logit_normal", "logit_mean": 1.0}, r"takes \['logit_mean', 'logit_std'\]"),
+        ({"scheme": "uniform", "logit_std": 1.0}, "takes no arguments"),
+        ({"scheme": "logit_normal", "logit_mean": 1.0, "logit_std": 0.0}, "must be positive"),
+        ({"scheme": "mode", "mode_scale": "1.29"}, "a number"),
+    ],
+)
+def test_bad_timestep_sampling_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        GaussianDiffusion(timestep_sampling=spec)

@@ -209,3 +209,48 @@ def test_widened_dit_matches_four_channel_model_when_conditional_input_is_zero(t
         other = wide(torch.cat([x, torch.ones_like(x)], 1), **args).sample
     assert torch.allclose(out, ref, atol=1e-6)
     assert torch.allclose(other, ref, atol=1e-6)  # new channels start at zero: input ignored until trained
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["constructor-init", "seeded-init"])
+def test_a_reference_image_s_content_reaches_the_condition(tiny_config, seeded):
+    """Two references (red circle, blue square) under the same instruction must give different
+    condition vectors. The frozen vision tower is randomly initialised here: drawn at
+    transformers' BLIP-2 default scale (1e-10) it gave every image the same features, and the
+    references' content never reached the DiT."""
+    from mige_lightning.models import build_mige
+    from mige_lightning.synthetic import Sprite, render_reference
+    from mige_lightning.transforms import Transforms
+
+    torch.manual_seed(0)
+    model = build_mige(tiny_config, seed=0 if seeded else None).eval()
+    c = tiny_config
+    transforms = Transforms(c.resolution, c.vision_resolution, c.vision_mean, c.vision_std)
+    images = [
+        render_reference(Sprite("circle", "red", "center"), size=c.resolution),
+        render_reference(Sprite("square", "blue", "center"), size=c.resolution),
+    ]
+    vae_pixels = torch.stack([transforms.vae(im) for im in images])  # [2, 3, H, W]
+    vit_pixels = torch.stack([transforms.vit(im) for im in images])
+    with torch.no_grad():
+        features = model.encoder.vision(pixel_values=vit_pixels).last_hidden_state
+        cond, _ = model.encode_condition(
+            ["a large <imagehere> on the left"] * 2,
+            ref_pixels=vit_pixels[:, None],
+            ref_latents=model.autoencoder.encode(vae_pixels, sample=False),
+            ref_mask=torch.ones(2, 1, dtype=torch.bool),
+        )
+    assert (features[0] - features[1]).abs().mean() > 0.1 * features.abs().mean()
+    # at initialisation the Q-Former's cross-attention adds a small part of what it reads (≈1e-2
+    # here, 1e-6 with the 1e-10 tower): training grows it only if it is there at all
+    differs = (cond[0] - cond[1]).abs().amax(-1)  # per condition token
+    assert int((differs > 1e-3).sum()) >= model.encoder.num_query_tokens
+
+
+def test_a_random_vision_tower_at_blip2_s_default_init_scale_is_refused(tiny_config):
+    from dataclasses import replace
+
+    from mige_lightning.models import build_mige
+
+    config = replace(tiny_config, vision={**tiny_config.vision, "initializer_range": 1e-10})
+    with pytest.raises(ValueError, match=r"model.overrides.vision.initializer_range=1e-10"):
+        build_mige(config)

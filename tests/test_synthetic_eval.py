@@ -167,4 +167,11 @@ def test_denoise_diagnosis_runs_on_a_checkpoint(trained, capsys):
         if line.startswith(("| subject (", "| edit (", "| subject_edit ("))
     ]
     assert len(judged) == 3 and all(line.count(" / ") == len(JUDGED_T) for line in judged)
-    assert printed.count("| edit | ") == 4 and Image.open(picture).size[0] > 0
+    assert printed.count("| edit | ") == 4 + 1 and Image.open(picture).size[0] > 0
+    # what reaches the condition: for every task both the images and the text change it
+    swaps = printed.split("what reaches the condition")[1].split("picture")[0]
+    for task in ("subject", "edit", "subject_edit"):
+        row = next(line for line in swaps.splitlines() if line.startswith(f"| {task} | "))
+        image_cond, _, text_cond, _ = (float(v) for v in row.strip("| ").split(" | ")[1:])
+        # means over every condition token (an image is 4 of ~40): 4e-4 here, ~1e-7 with a blind tower
+        assert image_cond > 1e-4 and text_cond > 1e-3, row

@@ -34,7 +34,7 @@ from mige_lightning.models.loading import (
     load_tokenizer,
     resolve_source,
 )
-from mige_lightning.models.presets import MIGEConfig
+from mige_lightning.models.presets import MIN_VISION_INIT_RANGE, VISION_INIT_RANGE, MIGEConfig
 
 
 class MIGE(nn.Module):
@@ -295,7 +295,16 @@ def _build(
         vision, qformer = pretrained_parts.vision, pretrained_parts.qformer
         num_queries = pretrained_parts.query_tokens.shape[1]
     else:
-        vision = Blip2VisionModel(Blip2VisionConfig(**config.vision))
+        vision_config = Blip2VisionConfig(**config.vision)
+        if vision_config.initializer_range < MIN_VISION_INIT_RANGE:
+            raise ValueError(
+                f"model.overrides.vision.initializer_range={vision_config.initializer_range:g}: a randomly "
+                "initialised vision tower drawn at this scale gives every image the same features, so "
+                "reference images would not reach the condition (transformers' BLIP-2 default, 1e-10, "
+                f"is meant for loading pretrained weights); use {VISION_INIT_RANGE} or give "
+                "model.pretrained.blip2"
+            )
+        vision = Blip2VisionModel(vision_config)
         qformer_kwargs = {"encoder_hidden_size": vision.config.hidden_size, **config.qformer}
         qformer = Blip2QFormerModel(Blip2QFormerConfig(**qformer_kwargs))
         num_queries = config.num_query_tokens

@@ -18,6 +18,12 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mige_lightning.models.loading import PretrainedSources
 
 NULL_CONDITION_LENGTHS = ("full", "prompt")
+# Weight std of a randomly initialised BLIP-2 vision tower. transformers' Blip2VisionConfig defaults
+# to 1e-10 (its weights are always loaded from a checkpoint); drawn at that scale the tower gives
+# every image the same features, so no reference image's content would reach the condition.
+VISION_INIT_RANGE = 0.02
+# below this a random tower's features no longer tell images apart (checked in build_mige)
+MIN_VISION_INIT_RANGE = 1e-4
 # What the authors' released code computes (read from Eureka-Maggie/MIGE): a checkpoint converted
 # from theirs reproduces their outputs only with these values.
 AUTHORS_BEHAVIOUR: dict[str, Any] = {
@@ -79,6 +85,7 @@ def _tiny() -> MIGEConfig:
             num_attention_heads=2,
             image_size=32,
             patch_size=8,
+            initializer_range=VISION_INIT_RANGE,
         ),
         qformer=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
@@ -112,6 +119,7 @@ def _mid() -> MIGEConfig:
             num_attention_heads=4,
             image_size=224,
             patch_size=14,
+            initializer_range=VISION_INIT_RANGE,
         ),
         qformer=dict(
             hidden_size=256,
@@ -158,6 +166,7 @@ def _xl() -> MIGEConfig:
             num_attention_heads=16,
             image_size=224,
             patch_size=14,
+            initializer_range=VISION_INIT_RANGE,
         ),
         qformer=dict(
             hidden_size=768,
