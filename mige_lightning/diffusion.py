@@ -7,10 +7,12 @@ The mean channels predict one of diffusers' three targets (``prediction_type``):
 paper's, PixArt's), ``v_prediction`` (v = √ᾱ ε − √(1−ᾱ) x₀) or ``sample`` (x₀). The MSE can be
 weighted per timestep by min-SNR-γ (Hang et al. 2023): weight = min(SNR, γ) / SNR for ε,
 min(SNR, γ) / (SNR + 1) for v and min(SNR, γ) for x₀ — the same weighting of the x₀ error for all
-three. Training timesteps are drawn uniformly (the paper's) or from diffusers' SD3 densities
-(``logit_normal``: t = T·sigmoid(N(mean, std)); ``mode``), which can spend more of the steps on
-the high-noise levels where a sample's layout is decided. Whatever the target, the variance channels are trained by the VLB through the x₀ the mean
+three. Whatever the target, the variance channels are trained by the VLB through the x₀ the mean
 channels imply (detached), so the learned variance means the same thing for every target.
+
+Training timesteps are drawn uniformly (the paper's) or from diffusers' SD3 densities
+(``logit_normal``: t = T·sigmoid(N(mean, std)); ``mode``), which can spend more of the steps on
+the high-noise levels where a sample's layout is decided.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class GaussianDiffusion(nn.Module):
     ):
         super().__init__()
         self.timestep_sampling = check_timestep_sampling(timestep_sampling)
+        # the density's name and its keyword arguments, split once (sampled every training step)
+        self._density = self.timestep_sampling["scheme"]
+        self._density_args = {k: v for k, v in self.timestep_sampling.items() if k != "scheme"}
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type: unknown {prediction_type!r}; choose one of {list(PREDICTION_TYPES)}"
@@ -143,11 +148,11 @@ class GaussianDiffusion(nn.Module):
         self, batch: int, *, device, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Training timesteps [B] in [0, T), as ``timestep_sampling`` says."""
-        scheme = dict(self.timestep_sampling)
-        name = scheme.pop("scheme")
-        if name == "uniform":
+        if self._density == "uniform":
             return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
-        u = compute_density_for_timestep_sampling(name, batch, **scheme, device=device, generator=generator)
+        u = compute_density_for_timestep_sampling(
+            self._density, batch, **self._density_args, device=device, generator=generator
+        )
         return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
 
     def add_noise(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
