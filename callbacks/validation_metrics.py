@@ -111,9 +111,11 @@ class ValidationMetrics(L.Callback):
             values.update(self._compute(self.baseline, "val_baseline"))
             self._baseline_logged = True
         for name, value in values.items():  # already summed over ranks: the same on every rank
-            # the progress bar shows one figure per task: the judge's scene accuracy, else L1
+            # the progress bar shows one figure per task (not per kind): the judge's scene accuracy,
+            # else L1
             shown = "scene_acc" if self.truth is not None else "l1"
-            pl_module.log(name, value, prog_bar=name.startswith("val/") and name.endswith(f"/{shown}"))
+            per_task = name.startswith("val/") and name.endswith(f"/{shown}") and name.count("/") == 2
+            pl_module.log(name, value, prog_bar=per_task)
         if values and trainer.state.fn == "fit" and not trainer.sanity_checking:
             # the x-axis of these values: the optimiser steps taken (Lightning's default for
             # validation inside an epoch is one less), as the grids and checkpoint names use
@@ -131,10 +133,12 @@ class ValidationMetrics(L.Callback):
                     warnings.filterwarnings("ignore", message=r".*was called before the ``update``")
                     result = metric.compute()
                 if isinstance(metric, SceneAccuracy):
-                    judged = result.get(task.value)  # None when no rank had a sample of the task
-                    if judged:
-                        values[f"{prefix}/{task.value}/scene_acc"] = judged["scene_acc"]
-                        values[f"{prefix}/{task.value}/element_acc"] = judged["element_acc"]
+                    # the task's figures, and per kind of sample where the task has several
+                    # (edit/recolour, …, subject_edit/add); absent when no rank judged one
+                    for group, judged in result.items():
+                        if group == task.value or group.startswith(f"{task.value}/"):
+                            values[f"{prefix}/{group}/scene_acc"] = judged["scene_acc"]
+                            values[f"{prefix}/{group}/element_acc"] = judged["element_acc"]
                 elif not torch.isnan(result):
                     values[f"{prefix}/{task.value}/{name}"] = result.item()
         return values

@@ -21,7 +21,6 @@ import math
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import nn
 
 
@@ -150,6 +149,10 @@ class GaussianDiffusion(nn.Module):
         """Training timesteps [B] in [0, T), as ``timestep_sampling`` says."""
         if self._density == "uniform":
             return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        # imported here: diffusers.training_utils pulls in diffusers' whole pipeline registry (2 s and
+        # every pipeline module), which the uniform default and every spawned worker never need
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
         u = compute_density_for_timestep_sampling(
             self._density, batch, **self._density_args, device=device, generator=generator
         )

@@ -185,6 +185,10 @@ def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
         if task != "subject":  # an edit changes something and keeps something: copying is partly right
             assert events.Scalars(f"val_baseline/{task}/scene_acc")[0].value == 0.0
             assert baseline[0] > 0
+    # and per kind of sample: both subject_edit kinds are held out, and some of the edit kinds
+    assert {f"val/subject_edit/{k}/scene_acc" for k in ("add", "replace")} <= scalars
+    edit_kinds = {t.split("/")[2] for t in scalars if t.startswith("val/edit/") and t.count("/") == 3}
+    assert edit_kinds and edit_kinds <= {"recolour", "remove", "move", "background"}
     assert not any(
         "dino" in t or "clip" in t for t in events.Tags()["scalars"]
     )  # offline: disabled, not random

@@ -43,6 +43,9 @@ def _worker(rank: int, port: int, out: str, config, init_weights) -> None:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"state": state, "sharded": sharded}, f"{out}/state.pt")
+        # both ranks tear gloo down together: rank 1 closing its connections while rank 0 still
+        # saves aborted a worker now and then (SIGABRT: a glibc heap check, or std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
