@@ -10,7 +10,11 @@ the model (EMA weights, the demo's config) predicts x₀ from it in one forward 
 2. how much the model uses its condition: mean L1 of the x₀ estimate (images in [-1, 1]) with the
    sample's own condition, with another sample's condition of the same task, and with the null
    condition, next to the L1 of copying the source (``--split train`` by default: 48 per task);
-3. a picture (``--out``): per request, source | target | estimate at t = 950, 700, 400.
+3. what reaches the condition: how much the condition vectors and the x₀ estimate at t = 700 change
+   when only a request's reference images, or only its instruction's text, come from another
+   request — and when only its slot word (``left`` / ``center`` / ``right``, the first one in the
+   instruction) names the next slot: whether the model knows *where* its instruction says;
+4. a picture (``--out``): per request, source | target | estimate at t = 950, 700, 400.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from datamodules.records import read_manifest  # noqa: E402
 from mige_cli.main import main as cli_main  # noqa: E402
 from mige_lightning.checkpoint_state import load_checkpoint_file  # noqa: E402
 from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size  # noqa: E402
-from mige_lightning.synthetic import manifest_specs  # noqa: E402
+from mige_lightning.synthetic import POSITIONS, manifest_specs  # noqa: E402
 
 TASKS = ("subject", "edit", "subject_edit")
 JUDGED_T = (0, 50, 200, 400, 700, 950)
@@ -81,6 +86,26 @@ def swap_part(records: list, field: str) -> list:
         donors = [r for r in records[i + 1 :] + records[:i] if len(r.references) == count]
         out.append(dataclasses.replace(record, **{field: getattr(donors[0], field)}) if donors else record)
     return out
+
+
+SLOT_WORD = re.compile(r"\b(" + "|".join(POSITIONS) + r")\b")
+
+
+def move_slot_word(records: list) -> tuple[list, list[int]]:
+    """Each record whose instruction names a slot with its first slot word naming the next slot
+    instead (left → center → right → left); returns the records and the indices changed."""
+    slots = list(POSITIONS)
+    out, changed = [], []
+    for i, record in enumerate(records):
+        found = SLOT_WORD.search(record.instruction)
+        if found is None:
+            out.append(record)
+            continue
+        moved = slots[(slots.index(found.group(1)) + 1) % len(slots)]
+        text = record.instruction[: found.start()] + moved + record.instruction[found.end() :]
+        out.append(dataclasses.replace(record, instruction=text))
+        changed.append(i)
+    return out, changed
 
 
 @torch.no_grad()
@@ -154,12 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"what reaches the condition ({args.split}, 48 per task): mean |Δ| of the condition vectors and of "
         "the x₀ estimate at t = 700 when only the reference images, or only the instruction's text, "
-        "come from another sample with as many images"
+        "come from another sample with as many images; and of the x₀ estimate when only the first slot "
+        "word names the next slot (over the n requests that name one)"
     )
     print(
-        "| task | Δ condition, images swapped | Δ x₀, images swapped | Δ condition, text swapped | Δ x₀, text swapped |"
+        "| task | Δ condition, images swapped | Δ x₀, images swapped | Δ condition, text swapped "
+        "| Δ x₀, text swapped | Δ x₀, slot word moved (n) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for task, records in records_by_task(args.world, args.split, 48).items():
         own = module_inputs(module, records, data.transforms)
         own_estimate = estimate(module, own, 700)
@@ -170,7 +197,14 @@ def main(argv: list[str] | None = None) -> None:
             cells.append((own[2][:, :width] - other[2][:, :width]).abs().mean().item())
             mixed = estimate(module, (*own[:2], *other[2:]), 700)
             cells.append((own_estimate - mixed).abs().mean().item())
-        print(f"| {task} | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
+        moved, changed = move_slot_word(records)
+        slot_cell = "— (0)"
+        if changed:
+            other = module_inputs(module, [moved[i] for i in changed], data.transforms)
+            subset = tuple(x[changed] for x in own)  # the same noise draw for both estimates
+            delta = estimate(module, (*subset[:2], *other[2:]), 700) - estimate(module, subset, 700)
+            slot_cell = f"{delta.abs().mean().item():.4f} ({len(changed)})"
+        print(f"| {task} | " + " | ".join(f"{v:.4f}" for v in cells) + f" | {slot_cell} |")
 
     tiles = []
     for task in TASKS:

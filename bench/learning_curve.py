@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/learning_curve.py --minutes 30 --every 250
 
-Trains ``configs/demo.yaml`` unchanged except for the stopping rule (``--minutes`` of wall time
-instead of the demo's step count) and the validation cadence (every ``--every`` steps, on every
-held-out request, task defaults, EMA weights), then prints one Markdown row per validation:
+Trains ``configs/demo.yaml`` (or the ``--config`` files given, composed in order) unchanged
+except for the stopping rule (``--minutes`` of wall time instead of the demo's step count) and the
+validation cadence (every ``--every`` steps, on every held-out request, task defaults, EMA
+weights), then prints one Markdown row per validation:
 step, minutes since start (training + validations so far), and scene / element accuracy per task,
 with the copy-the-input baseline. Run it on a quiet machine: the times are the figure.
 """
@@ -25,7 +26,12 @@ TASKS = ("subject", "edit", "subject_edit")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument(
+        "--config",
+        action="append",
+        help="configs/demo.yaml unless given; repeat to compose overlays, e.g. "
+        "--config configs/demo.yaml --config configs/experiments/subject_only.yaml",
+    )
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--runs", default="runs/curve")
@@ -41,8 +47,7 @@ def main() -> None:
         "-m",
         "mige_lightning",
         "fit",
-        "--config",
-        args.config,
+        *(arg for path in args.config or ["configs/demo.yaml"] for arg in ("--config", path)),
         "--trainer.max_steps=-1",
         f"--trainer.max_time=00:{h:02d}:{m // 60:02d}:{m % 60:02d}",
         f"--trainer.callbacks={callbacks}",

@@ -172,6 +172,38 @@ def test_denoise_diagnosis_runs_on_a_checkpoint(trained, capsys):
     swaps = printed.split("what reaches the condition")[1].split("picture")[0]
     for task in ("subject", "edit", "subject_edit"):
         row = next(line for line in swaps.splitlines() if line.startswith(f"| {task} | "))
-        image_cond, _, text_cond, _ = (float(v) for v in row.strip("| ").split(" | ")[1:])
+        *cells, slot = row.strip("| ").split(" | ")[1:]
+        image_cond, _, text_cond, _ = (float(v) for v in cells)
         # means over every condition token (an image is 4 of ~40): 4e-4 here, ~1e-7 with a blind tower
         assert image_cond > 1e-4 and text_cond > 1e-3, row
+        # the slot word moved: every subject instruction names a slot, so the probe has rows
+        value, count = slot.split(" (")
+        if task == "subject":
+            assert int(count.rstrip(")")) > 0 and float(value) >= 0, row
+
+
+def test_the_slot_word_probe_moves_only_the_first_slot_word():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from denoise_diagnosis import move_slot_word
+
+    from datamodules.records import Record, Task
+
+    def record(text):
+        return Record(Task.SUBJECT, Path("t.png"), text, (), None, origin="test")
+
+    texts = [
+        "a large <imagehere> on the left and a small <imagehere> on the right, on a gray background",
+        "move the red circle in <imagehere> to the right",
+        "make the blue square in <imagehere> green",
+        "add a small <imagehere> on the center of <imagehere>",
+    ]
+    moved, changed = move_slot_word([record(t) for t in texts])
+    assert changed == [0, 1, 3]
+    assert [r.instruction for r in moved] == [
+        "a large <imagehere> on the center and a small <imagehere> on the right, on a gray background",
+        "move the red circle in <imagehere> to the left",
+        "make the blue square in <imagehere> green",
+        "add a small <imagehere> on the right of <imagehere>",
+    ]
