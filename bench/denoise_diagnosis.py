@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| task (held-out n) | " + " | ".join(f"t = {t}" for t in JUDGED_T) + " |")
     print("|---|" + "---|" * len(JUDGED_T))
     for task, records in heldout.items():
-        with torch.no_grad():
-            encoded = module.encode_batch(batch_of(records, data.transforms))
+        encoded = module_inputs(module, records, data.transforms)
         samples = [truth[str(r.target)] for r in records]
         cells = []
         for t in JUDGED_T:
@@ -209,8 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     tiles = []
     for task in TASKS:
         records = heldout[task][:6]
-        with torch.no_grad():
-            encoded = module.encode_batch(batch_of(records, data.transforms))
+        encoded = module_inputs(module, records, data.transforms)
         x0, cond_input = encoded[:2]
         estimates = [estimate(module, encoded, t) for t in (950, 700, 400)]
         for i in range(len(records)):

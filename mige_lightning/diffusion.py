@@ -98,10 +98,9 @@ class GaussianDiffusion(nn.Module):
         timestep_sampling: dict | None = None,
     ):
         super().__init__()
-        self.timestep_sampling = check_timestep_sampling(timestep_sampling)
         # the density's name and its keyword arguments, split once (sampled every training step)
-        self._density = self.timestep_sampling["scheme"]
-        self._density_args = {k: v for k, v in self.timestep_sampling.items() if k != "scheme"}
+        self._density_args = check_timestep_sampling(timestep_sampling)  # a fresh dict
+        self._density = self._density_args.pop("scheme")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type: unknown {prediction_type!r}; choose one of {list(PREDICTION_TYPES)}"
