@@ -207,3 +207,52 @@ def test_the_slot_word_probe_moves_only_the_first_slot_word():
         "make the blue square in <imagehere> green",
         "add a small <imagehere> on the right of <imagehere>",
     ]
+
+
+def test_condition_probe_overrides_and_word_vectors():
+    """bench/condition_probe.py's pieces: --override edits the config's model.overrides; the word
+    condition gives a word one vector wherever it stands, plus one vector per position."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from condition_probe import WordCondition, model_overrides
+
+    merged = model_overrides(str(REPO / "configs/demo.yaml"), ["t5.num_layers=1", "dit.extra.deep=[1, 2]"])
+    assert merged["t5"]["num_layers"] == 1 and merged["t5"]["d_model"] == 128  # the rest kept
+    assert merged["dit"]["extra"] == {"deep": [1, 2]} and merged["resolution"] == 32
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        model_overrides(str(REPO / "configs/demo.yaml"), ["t5.num_layers"])
+
+    words = WordCondition(8)
+    cond, mask = words(["make the red circle in <imagehere> blue", "remove the red circle from <imagehere>"])
+    assert cond.shape == (2, 7, 8) and mask.sum(1).tolist() == [7, 6]
+    assert cond[0, 6].abs().sum() > 0 and cond[1, 6].abs().sum() == 0  # padding is zero
+    # the same word at the same place: the same vector; another place: another vector
+    assert torch.equal(cond[0, 2], cond[1, 2])
+    assert not torch.allclose(cond[0, 2] - words.positions[2], cond[0, 6] - words.positions[6])
+    again, _ = words(["the red"])
+    assert torch.allclose(again[0, 1] - words.positions[1], cond[0, 2] - words.positions[2])
+    assert not torch.allclose(again[0, 1], cond[0, 2])  # ...but its place tells it apart
+
+
+@pytest.mark.slow
+def test_condition_probe_trains_and_judges(trained, capsys):
+    """A few probe steps on the small world: the encoder and the word condition both train and are judged."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from condition_probe import main as probe
+
+    root, _ = trained
+    common = ["--world", str(root / "world"), "--task", "edit", "--steps", "2", "--every", "1"]
+    common += ["--batch-size", "2", "--extra-eval", "3", "--override", "t5.num_layers=1"]
+    for condition in ("encoder", "words"):
+        rows = probe([*common, "--condition", condition])
+        assert [r["step"] for r in rows] == [0, 1, 2]
+        judged = rows[-1]["edit"]["n"]
+        assert judged == 3 + len(json.loads((root / "world/heldout_edit.json").read_text()))
+    assert capsys.readouterr().out.count("condition: words") == 1
+    with pytest.raises(SystemExit, match="edit only"):
+        probe([*common[:2], "--task", "subject", "--condition", "words"])
