@@ -4,6 +4,8 @@ decided — at high noise — and which part of the model is the slow one.
     .venv/bin/python bench/condition_probe.py --task edit --steps 800 --batch-size 8 --bf16
     .venv/bin/python bench/condition_probe.py --task edit --steps 800 --batch-size 8 --bf16 --condition words
     .venv/bin/python bench/condition_probe.py --task edit ... --override t5.num_layers=1
+    .venv/bin/python bench/condition_probe.py --task edit ... --pretrained t5=data/demo/text_encoder \
+        --override train_text_encoder=false       # a T5 from bench/pretrain_text_encoder.py, frozen
 
 A model of the config (``configs/demo.yaml`` by default; ``--override key=value`` edits its
 ``model.overrides``) is trained on the chosen task's training requests of a generated world, with
@@ -17,7 +19,8 @@ plus --extra-eval training requests that are kept out of training; printed per k
 one per word of the instruction plus one per position (``<imagehere>`` is a word: the source
 reaches the DiT on its input channels anyway): an encoder that knows every word and its place from
 the first step. The gap between it and ``--condition encoder`` at equal steps is what the
-from-scratch encoder costs.
+from-scratch encoder costs. ``--no-word-positions`` drops the position vectors (the same word
+vectors otherwise); ``--word-prefix`` gives the words of the task prefix too, as T5 gets them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from denoise_diagnosis import batch_of, records_by_task, to_pil  # noqa: E402
 
 from mige_cli.main import main as cli_main  # noqa: E402
+from mige_lightning.prompt import build_prompt  # noqa: E402
 from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size  # noqa: E402
 
 JUDGED_T = 950
@@ -57,13 +61,26 @@ def model_overrides(config: str, overrides: list[str]) -> dict:
     return merged
 
 
+def model_pretrained(config: str, sources: list[str]) -> dict:
+    """The config's ``model.pretrained`` with each ``component=source`` set (e.g. t5=<dir>)."""
+    merged = dict(yaml.safe_load(Path(config).read_text())["model"].get("pretrained") or {})
+    for item in sources:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--pretrained {item!r}: expected component=source, e.g. t5=data/demo/t5")
+        merged[key] = value
+    return merged
+
+
 class WordCondition:
     """Fixed random vectors in place of the encoder: one per word, one per position (seeded)."""
 
-    def __init__(self, dim: int, *, seed: int = 5, max_length: int = 64):
+    def __init__(self, dim: int, *, seed: int = 5, max_length: int = 64, positions: bool = True):
         self.dim, self.max_length = dim, max_length
         self.generator = torch.Generator().manual_seed(seed)
         self.positions = torch.randn(max_length, dim, generator=self.generator)
+        if not positions:  # drawn all the same, so the word vectors are the ones of the default
+            self.positions.zero_()
         self.vocab: dict[str, torch.Tensor] = {}
 
     def words(self, instruction: str) -> list[str]:
@@ -94,6 +111,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--task", default="edit", choices=("subject", "edit", "subject_edit"))
     ap.add_argument("--condition", default="encoder", choices=("encoder", "words"))
     ap.add_argument("--override", action="append", default=[], help="model.overrides key=value (repeatable)")
+    ap.add_argument(
+        "--pretrained", action="append", default=[], help="model.pretrained key=source (repeatable)"
+    )
+    ap.add_argument("--no-word-positions", action="store_true", help="word vectors only, no position vectors")
+    ap.add_argument("--word-prefix", action="store_true", help="words of the task prefix too (what T5 sees)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -105,10 +127,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.condition == "words" and args.task != "edit":
         raise SystemExit("--condition words: edit only (a subject's reference images are not words)")
+    if (args.no_word_positions or args.word_prefix) and args.condition != "words":
+        raise SystemExit("--no-word-positions / --word-prefix: only with --condition words")
 
     overrides = json.dumps(model_overrides(args.config, args.override))
+    pretrained = json.dumps(model_pretrained(args.config, args.pretrained))
     cli = cli_main(
-        ["--config", args.config, "--trainer.logger=false", f"--model.overrides={overrides}"], run=False
+        [
+            *("--config", args.config, "--trainer.logger=false"),
+            *(f"--model.overrides={overrides}", f"--model.pretrained={pretrained}"),
+        ],
+        run=False,
     )
     module, data = cli.model, cli.datamodule
     module.configure_model()
@@ -121,14 +150,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train = records_by_task(args.world, "train", None)[args.task]
     evaluated = records_by_task(args.world, "heldout", None)[args.task] + train[: args.extra_eval]
     train = train[args.extra_eval :]
-    words = WordCondition(module.model.dit.config.caption_channels) if args.condition == "words" else None
+    words = None
+    if args.condition == "words":
+        words = WordCondition(module.model.dit.config.caption_channels, positions=not args.no_word_positions)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     optimiser = torch.optim.AdamW(module.trainable_parameters(), lr=args.lr, weight_decay=0.0)
     rng, size, start, rows = random.Random(args.seed), world_size(args.world), time.time(), []
 
     def encode(records):
         x0, source, cond, mask = module.encode_batch(batch_of(records, data.transforms))
-        return (x0, source, *words([r.instruction for r in records])) if words else (x0, source, cond, mask)
+        if words is None:
+            return x0, source, cond, mask
+        texts = [build_prompt(r.task, r.instruction) if args.word_prefix else r.instruction for r in records]
+        return x0, source, *words(texts)
 
     def evaluate(step: int) -> None:
         module.eval()

@@ -191,7 +191,14 @@ class JudgedSample:
     @property
     def input_image(self) -> Path:
         """What the copy-the-input baseline outputs: the source (edits) or the first reference."""
-        return self.source if self.source is not None else self.references[0]
+        if self.source is not None:
+            return self.source
+        if not self.references:
+            raise ValueError(
+                f"{self.task} request for {self.target} ({self.instruction!r}) has neither a source nor "
+                "a reference image: the copy-the-input baseline has nothing to copy"
+            )
+        return self.references[0]
 
 
 def world_size(root: str | Path) -> int:

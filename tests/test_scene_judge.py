@@ -141,6 +141,19 @@ def test_copy_the_input_baseline_gets_exactly_the_unchanged_elements(truth):
     assert seen == {"recolour", "remove", "move", "background", "add", "replace"}
 
 
+def test_copy_the_input_baseline_of_a_request_without_images_is_a_clear_error(truth):
+    """A subject request given only in words (no reference) has nothing to copy: say so, by name."""
+    import dataclasses
+
+    subject = next(s for s in truth.values() if s.task == "subject")
+    assert subject.input_image == subject.references[0]
+    words_only = dataclasses.replace(subject, references=())
+    with pytest.raises(
+        ValueError, match=r"subject request for .*tgt\.png .* neither a source nor a reference"
+    ):
+        _ = words_only.input_image
+
+
 def test_scene_accuracy_aggregates_per_task_and_kind(truth):
     samples = [s for s in truth.values() if s.kind in ("recolour", "move")][:6]
     metric = SceneAccuracy(size=SIZE)

@@ -217,13 +217,21 @@ def test_condition_probe_overrides_and_word_vectors():
     import torch
 
     sys.path.insert(0, str(REPO / "bench"))
-    from condition_probe import WordCondition, model_overrides
+    from condition_probe import WordCondition, model_overrides, model_pretrained
 
     merged = model_overrides(str(REPO / "configs/demo.yaml"), ["t5.num_layers=1", "dit.extra.deep=[1, 2]"])
     assert merged["t5"]["num_layers"] == 1 and merged["t5"]["d_model"] == 128  # the rest kept
     assert merged["dit"]["extra"] == {"deep": [1, 2]} and merged["resolution"] == 32
     with pytest.raises(ValueError, match="dotted.key=value"):
         model_overrides(str(REPO / "configs/demo.yaml"), ["t5.num_layers"])
+
+    sources = model_pretrained(str(REPO / "configs/demo.yaml"), ["t5=/some/dir"])
+    assert sources == {"tokenizer": "words", "t5": "/some/dir"}  # the config's tokenizer kept
+    with pytest.raises(ValueError, match="component=source"):
+        model_pretrained(str(REPO / "configs/demo.yaml"), ["t5="])
+    bare, _ = WordCondition(8, positions=False)(["the red"])
+    placed = WordCondition(8)
+    assert torch.allclose(bare[0, 1], placed(["the red"])[0][0, 1] - placed.positions[1])  # same words
 
     words = WordCondition(8)
     cond, mask = words(["make the red circle in <imagehere> blue", "remove the red circle from <imagehere>"])
@@ -256,3 +264,78 @@ def test_condition_probe_trains_and_judges(trained, capsys):
     assert capsys.readouterr().out.count("condition: words") == 1
     with pytest.raises(SystemExit, match="edit only"):
         probe([*common[:2], "--task", "subject", "--condition", "words"])
+
+
+def test_text_encoder_pretraining_rows_and_frozen_flag_needs_weights():
+    """The pre-training text is laid out as the encoder lays it out (Q image-slot ids per
+    placeholder, EOS last); ``train_text_encoder: false`` without a pretrained T5 is refused."""
+    import sys
+
+    from mige_lightning.models.loading import build_word_tokenizer
+    from mige_lightning.models.presets import get_config
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from pretrain_text_encoder import token_rows
+
+    tok = build_word_tokenizer()
+    (row,) = token_rows(["make the red circle in <imagehere> blue"], tok, num_queries=3, image_id=99)
+    words = tok("make the red circle in", add_special_tokens=False)["input_ids"]
+    assert row == [*words, 99, 99, 99, tok.convert_tokens_to_ids("blue"), tok.eos_token_id]
+    with pytest.raises(ValueError, match="train_text_encoder: false needs a pretrained T5"):
+        get_config("tiny", {"train_text_encoder": False})
+
+
+@pytest.mark.slow
+def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
+    """bench/pretrain_text_encoder.py writes a T5 that the model loads through model.pretrained.t5;
+    with train_text_encoder false it keeps those weights (no gradient), while the image tokens that
+    pass through it still train the Q-Former."""
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from pretrain_text_encoder import main as pretrain
+
+    root, _ = trained
+    out = tmp_path / "t5"
+    summary = pretrain(
+        ["--world", str(root / "world"), "--out", str(out), "--steps", "30", "--batch-size", "8"]
+    )
+    first, last = summary["log"][0], summary["log"][-1]
+    assert last["token_acc"] > first["token_acc"]  # it learned something about the texts
+    saved = load_file(out / "model.safetensors")
+    assert not any(k.startswith("decoder.") for k in saved)
+
+    cli = main(
+        [
+            *("--config", str(REPO / "configs/demo.yaml")),
+            f"--data.synthetic={{root: {root}/world, num_samples: 48, size: 32, seed: 0, heldout_fraction: 0.25}}",
+            f'--model.pretrained={{"tokenizer": "words", "t5": "{out}"}}',
+            '--model.overrides={"resolution": 32, "vae": {"kind": "pixel"}, "dit": {"patch_size": 2}, '
+            '"t5": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_heads": 4, "num_layers": 2, "dropout_rate": 0.0}, '
+            '"vision": {"hidden_size": 64, "intermediate_size": 128}, "qformer": {"hidden_size": 64, '
+            '"intermediate_size": 128}, "max_length": 64, "train_text_encoder": false}',
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
+    module, data = cli.model, cli.datamodule
+    module.configure_model()
+    t5 = module.model.encoder.t5
+    assert torch.equal(t5.shared.weight, saved["shared.weight"])
+    assert not any(p.requires_grad for p in t5.parameters())
+    assert all(p.requires_grad for p in module.model.encoder.qformer.parameters())
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from denoise_diagnosis import batch_of, records_by_task
+
+    module.connect_datamodule(data)
+    records = records_by_task(str(root / "world"), "train", 2)["subject"]
+    _, _, cond, _ = module.encode_batch(batch_of(records, data.transforms))
+    cond.square().mean().backward()
+    assert all(p.grad is None for p in t5.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.encoder.qformer.parameters()
+    )

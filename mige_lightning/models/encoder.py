@@ -42,6 +42,7 @@ class MultimodalEncoder(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
         train_vision_norm: bool = False,
+        train_text_encoder: bool = True,
     ):
         super().__init__()
         self.vision = vision.requires_grad_(False).eval()  # frozen (paper §3.3)
@@ -49,7 +50,7 @@ class MultimodalEncoder(nn.Module):
         self.vision.post_layernorm.requires_grad_(train_vision_norm)
         self.qformer = qformer
         self.adapter = adapter  # learned queries, fusion, projection, null condition
-        self.t5 = t5
+        self.t5 = t5.requires_grad_(train_text_encoder)  # frozen: still carries gradients to image tokens
         self.tokenizer = tokenizer  # not a module: no parameters, not sharded
         self.max_length = max_length
         self.run_every_branch = False  # see MIGE.run_every_branch

@@ -353,6 +353,7 @@ def _build(
         tokenizer=tokenizer,
         max_length=config.max_length,
         train_vision_norm=config.train_vision_norm,
+        train_text_encoder=config.train_text_encoder,
     )
     return MIGE(encoder=encoder, dit=dit, autoencoder=autoencoder)
 

@@ -59,6 +59,8 @@ class MIGEConfig:
     fusion_query_bias: bool = True  # bias on the fusion module's query projection; authors: none
     null_condition_length: str = "full"  # "full" rows, or "prompt": the first L rows, L = the prompt's length
     train_vision_norm: bool = False  # the ViT's final LayerNorm trains with the rest; authors: yes
+    # T5 trains with the rest (paper §3.3); false keeps a pretrained text encoder as loaded
+    train_text_encoder: bool = True
     pretrained: PretrainedSources = field(default_factory=PretrainedSources)
 
     def __post_init__(self) -> None:
@@ -252,4 +254,9 @@ def get_config(
                 raise KeyError(f"{key}.pretrained.{name}: unknown component; expected one of {sorted(known)}")
         config.pretrained = PretrainedSources(**{**asdict(config.pretrained), **pretrained})
     config.pretrained.validate(f"{key}.pretrained")
+    if not config.train_text_encoder and config.pretrained.t5 is None:
+        raise ValueError(
+            f"{key}.overrides.train_text_encoder: false needs a pretrained T5 ({key}.pretrained.t5); "
+            "a frozen, randomly initialised text encoder would never learn"
+        )
     return config
