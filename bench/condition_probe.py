@@ -46,9 +46,14 @@ from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size  # 
 JUDGED_T = 950
 
 
+def model_section(config: str, key: str) -> dict:
+    """``model.<key>`` of a config file (empty when absent)."""
+    return dict(yaml.safe_load(Path(config).read_text())["model"].get(key) or {})
+
+
 def model_overrides(config: str, overrides: list[str]) -> dict:
     """The config's ``model.overrides`` with each ``dotted.key=yaml value`` applied."""
-    merged = yaml.safe_load(Path(config).read_text())["model"].get("overrides", {}) or {}
+    merged = model_section(config, "overrides")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -63,7 +68,7 @@ def model_overrides(config: str, overrides: list[str]) -> dict:
 
 def model_pretrained(config: str, sources: list[str]) -> dict:
     """The config's ``model.pretrained`` with each ``component=source`` set (e.g. t5=<dir>)."""
-    merged = dict(yaml.safe_load(Path(config).read_text())["model"].get("pretrained") or {})
+    merged = model_section(config, "pretrained")
     for item in sources:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:

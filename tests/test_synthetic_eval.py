@@ -296,6 +296,8 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(REPO / "bench"))
+    from condition_probe import model_overrides
+    from denoise_diagnosis import batch_of, records_by_task
     from pretrain_text_encoder import main as pretrain
 
     root, _ = trained
@@ -308,15 +310,13 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
     saved = load_file(out / "model.safetensors")
     assert not any(k.startswith("decoder.") for k in saved)
 
+    frozen = json.dumps(model_overrides(str(REPO / "configs/demo.yaml"), ["train_text_encoder=false"]))
     cli = main(
         [
             *("--config", str(REPO / "configs/demo.yaml")),
             f"--data.synthetic={{root: {root}/world, num_samples: 48, size: 32, seed: 0, heldout_fraction: 0.25}}",
             f'--model.pretrained={{"tokenizer": "words", "t5": "{out}"}}',
-            '--model.overrides={"resolution": 32, "vae": {"kind": "pixel"}, "dit": {"patch_size": 2}, '
-            '"t5": {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_heads": 4, "num_layers": 2, "dropout_rate": 0.0}, '
-            '"vision": {"hidden_size": 64, "intermediate_size": 128}, "qformer": {"hidden_size": 64, '
-            '"intermediate_size": 128}, "max_length": 64, "train_text_encoder": false}',
+            f"--model.overrides={frozen}",
             "--trainer.logger=false",
         ],
         run=False,
@@ -327,9 +327,6 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
     assert torch.equal(t5.shared.weight, saved["shared.weight"])
     assert not any(p.requires_grad for p in t5.parameters())
     assert all(p.requires_grad for p in module.model.encoder.qformer.parameters())
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from denoise_diagnosis import batch_of, records_by_task
 
     module.connect_datamodule(data)
     records = records_by_task(str(root / "world"), "train", 2)["subject"]
