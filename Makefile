@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package with its dev extras
 
-demo: $(STAMP) ## train the tiny preset on CPU on generated data (configs/demo.yaml)
+demo: $(STAMP) ## generate the world, pre-train its text encoder, train the demo model on CPU (configs/demo.yaml)
+	$(BIN)/python -m mige_lightning pretrain-text-encoder --config $(CONFIG)
 	$(BIN)/python -m mige_lightning fit --config $(CONFIG)
 
 predict-demo: $(STAMP) ## sample the held-out requests with the newest demo checkpoint, judge them → predictions/demo/

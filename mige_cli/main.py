@@ -1,8 +1,8 @@
 """``python -m mige_lightning <subcommand> …``: every command-line entry point, dispatched here.
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` go to the LightningCLI (``mige_cli/cli.py``);
-``cache-latents``, ``export``, ``convert-authors``, ``inspect`` / ``inspect-manifest`` and
-``judge-synthetic`` to their own modules. This package is the top layer: the only code that imports
+``cache-latents``, ``export``, ``convert-authors``, ``inspect`` / ``inspect-manifest``,
+``judge-synthetic`` and ``pretrain-text-encoder`` to their own modules. This package is the top layer: the only code that imports
 both the data modules and the callbacks (docs/DESIGN.md, "Layers").
 """
 
@@ -30,6 +30,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
         from mige_cli.judge_synthetic import main as judge_main
 
         return judge_main(argv[1:])
+    if argv[:1] == ["pretrain-text-encoder"]:
+        # a config's small T5 pre-trained on its synthetic world's instructions (make demo)
+        from mige_cli.pretrain_text_encoder import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     if argv[:1] in (["inspect"], ["inspect-manifest"]):
         # what is in a set of manifests: tasks (declared and by shape), references, sizes, problems
         from datamodules.manifest_report import main as inspect_main

@@ -14,6 +14,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from mige_lightning.models import build_mige, get_config  # noqa: E402
 from mige_lightning.prompt import PLACEHOLDER, build_prompt  # noqa: E402
 
+# configs/demo.yaml loads a frozen T5 from data/demo/text_encoder, which `pretrain-text-encoder`
+# writes (make demo runs it first). Tests of everything but that encoder append these arguments
+# after their configs: the demo model with a from-scratch, trained T5 instead.
+SCRATCH_TEXT_ENCODER = ("--model.pretrained.t5=null", "--model.overrides.train_text_encoder=true")
+
 
 @pytest.fixture
 def tiny_config():

@@ -89,7 +89,12 @@ def write_overlay(
             "batch_size": 2,
             "check_images": False,
         },
-        "model": {"overrides": {"resolution": 16}, "warmup_steps": 2},
+        # the demo's word tokenizer, its T5 from scratch (not the one make demo pre-trains)
+        "model": {
+            "overrides": {"resolution": 16},
+            "pretrained": {"tokenizer": "words", "t5": None},
+            "warmup_steps": 2,
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path

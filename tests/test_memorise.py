@@ -3,7 +3,9 @@ memorises them, samples them back with every scheduler at the demo's task defaul
 
 A falling loss does not show that the sampler inverts what the loss trained (prediction target,
 learned-variance split, noise schedule, scheduler configuration, guidance, clipping, decoding):
-this test does, from pixels. It uses the model section of ``configs/demo.yaml`` as it is.
+this test does, from pixels. It uses the model section of ``configs/demo.yaml`` as it is, except
+that its T5 is trained from scratch instead of loaded pre-trained (the sampling chain under test
+does not depend on where the text encoder's weights come from).
 
 Every image must be judged fully right and within L1 0.05 of its target (images in [0, 1]).
 This bound caught the demo's earlier model (4×4 patches at width 192), which after 1,500 steps
@@ -43,6 +45,8 @@ def train_memoriser(root: Path, run_dir: Path, *, steps: int = STEPS, seed: int 
     demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     model_cfg = dict(demo["model"])
     model_cfg.update(lr=1e-3, warmup_steps=10)
+    model_cfg["pretrained"] = {**model_cfg["pretrained"], "t5": None}
+    model_cfg["overrides"] = {**model_cfg["overrides"], "train_text_encoder": True}
     # 8 samples, 4 of them the training split: one per kind (subject, edit, add, replace)
     generate(root, num_samples=8, size=SIZE, seed=3, heldout_fraction=0.5)
     torch.manual_seed(seed)

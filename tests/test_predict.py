@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mige_cli.main import main
+from tests.conftest import SCRATCH_TEXT_ENCODER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_predict_on_demo_checkpoint_writes_images_and_log(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     world = f"--data.synthetic={{root: {tmp_path}/world, num_samples: 40, size: 32, seed: 0}}"
-    cli = main(["--config", str(REPO / "configs/demo.yaml"), world, "--trainer.max_steps=4"], run=False)
+    cli = main(
+        ["--config", str(REPO / "configs/demo.yaml"), *SCRATCH_TEXT_ENCODER, world, "--trainer.max_steps=4"],
+        run=False,
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
     assert ckpt.is_file()
@@ -50,6 +54,7 @@ def test_predict_on_demo_checkpoint_writes_images_and_log(tmp_path, monkeypatch,
                 str(REPO / "configs/demo.yaml"),
                 "--config",
                 str(REPO / "configs/predict/demo.yaml"),
+                *SCRATCH_TEXT_ENCODER,
                 f"--data.requests={req_file}",
                 f"--trainer.callbacks.init_args.output_dir={out_dir}",
                 "--ckpt_path",

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mige_cli.main import main
+from tests.conftest import SCRATCH_TEXT_ENCODER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,7 @@ def trained(tmp_path_factory):
         [
             "--config",
             str(REPO / "configs/demo.yaml"),
+            *SCRATCH_TEXT_ENCODER,
             world,
             "--trainer.max_steps=2",
             f"--trainer.logger.init_args.save_dir={root}/runs",
@@ -45,6 +47,7 @@ def test_predict_then_judge_writes_table_and_contact_sheet(trained, capsys):
             str(REPO / "configs/demo.yaml"),
             "--config",
             str(REPO / "configs/predict/demo.yaml"),
+            *SCRATCH_TEXT_ENCODER,
             f"--data.requests={root}/world/heldout_requests.jsonl",
             f"--trainer.callbacks.init_args.output_dir={out}",
             "--ckpt_path",
@@ -78,6 +81,7 @@ def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
             str(REPO / "configs/demo.yaml"),
             "--config",
             str(REPO / "configs/eval/synthetic.yaml"),
+            *SCRATCH_TEXT_ENCODER,
             f"--data.benchmark={{name: synthetic, root: {root}/world}}",
             f"--trainer.callbacks.init_args.output_dir={root}/eval",
             "--ckpt_path",
@@ -269,13 +273,9 @@ def test_condition_probe_trains_and_judges(trained, capsys):
 def test_text_encoder_pretraining_rows_and_frozen_flag_needs_weights():
     """The pre-training text is laid out as the encoder lays it out (Q image-slot ids per
     placeholder, EOS last); ``train_text_encoder: false`` without a pretrained T5 is refused."""
-    import sys
-
+    from mige_cli.pretrain_text_encoder import token_rows
     from mige_lightning.models.loading import build_word_tokenizer
     from mige_lightning.models.presets import get_config
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from pretrain_text_encoder import token_rows
 
     tok = build_word_tokenizer()
     (row,) = token_rows(["make the red circle in <imagehere> blue"], tok, num_queries=3, image_id=99)
@@ -287,9 +287,10 @@ def test_text_encoder_pretraining_rows_and_frozen_flag_needs_weights():
 
 @pytest.mark.slow
 def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
-    """bench/pretrain_text_encoder.py writes a T5 that the model loads through model.pretrained.t5;
-    with train_text_encoder false it keeps those weights (no gradient), while the image tokens that
-    pass through it still train the Q-Former."""
+    """`pretrain-text-encoder` writes a T5 that the model loads through model.pretrained.t5; with
+    train_text_encoder false it keeps those weights (no gradient), while the image tokens that pass
+    through it still train the Q-Former. Run again with the same settings it does nothing; with
+    others it trains again; a directory it did not write is refused and left as it is."""
     import sys
 
     import torch
@@ -298,17 +299,31 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
     sys.path.insert(0, str(REPO / "bench"))
     from condition_probe import model_overrides
     from denoise_diagnosis import batch_of, records_by_task
-    from pretrain_text_encoder import main as pretrain
 
     root, _ = trained
     out = tmp_path / "t5"
-    summary = pretrain(
-        ["--world", str(root / "world"), "--out", str(out), "--steps", "30", "--batch-size", "8"]
+    world = (
+        f"--data.synthetic={{root: {root}/world, num_samples: 48, size: 32, seed: 0, heldout_fraction: 0.25}}"
     )
+    command = ["pretrain-text-encoder", "--config", str(REPO / "configs/demo.yaml"), world]
+    summary = main([*command, "--out", str(out), "--steps", "30", "--batch-size", "8"])
     first, last = summary["log"][0], summary["log"][-1]
     assert last["token_acc"] > first["token_acc"]  # it learned something about the texts
     saved = load_file(out / "model.safetensors")
     assert not any(k.startswith("decoder.") for k in saved)
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    assert main([*command, "--out", str(out), "--steps", "30", "--batch-size", "8"]) == summary
+    assert (out / "model.safetensors").stat().st_mtime_ns == written  # up to date: not trained again
+    other = tmp_path / "t5_other"
+    main([*command, "--out", str(other), "--steps", "1", "--batch-size", "8"])
+    again = main([*command, "--out", str(other), "--steps", "2", "--batch-size", "8"])
+    assert again["settings"]["steps"] == 2 and [e["step"] for e in again["log"]] == [0, 2]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds no pretraining.json"):
+        main([*command, "--out", str(foreign), "--steps", "2"])
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
 
     frozen = json.dumps(model_overrides(str(REPO / "configs/demo.yaml"), ["train_text_encoder=false"]))
     cli = main(
