@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epilog="Every other argument (--config FILE, --model.*, --data.*) is fit's.",
     )
     ap.add_argument("--out", help="directory for the encoder (default: the config's model.pretrained.t5)")
-    ap.add_argument("--steps", type=int, default=400, help="optimiser steps (default 400)")
+    ap.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--mask", type=float, default=0.25, help="probability that a word is masked")
