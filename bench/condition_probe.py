@@ -4,11 +4,12 @@ decided — at high noise — and which part of the model is the slow one.
     .venv/bin/python bench/condition_probe.py --task edit --steps 800 --batch-size 8 --bf16
     .venv/bin/python bench/condition_probe.py --task edit --steps 800 --batch-size 8 --bf16 --condition words
     .venv/bin/python bench/condition_probe.py --task edit ... --override t5.num_layers=1
-    .venv/bin/python bench/condition_probe.py --task edit ... --pretrained t5=data/demo/text_encoder \
-        --override train_text_encoder=false       # a T5 from bench/pretrain_text_encoder.py, frozen
+    .venv/bin/python bench/condition_probe.py --task edit ... --pretrained t5=null \
+        --override train_text_encoder=true        # the demo's T5 from scratch instead of pre-trained
 
-A model of the config (``configs/demo.yaml`` by default; ``--override key=value`` edits its
-``model.overrides``) is trained on the chosen task's training requests of a generated world, with
+A model of the config (``configs/demo.yaml`` by default, with its frozen T5 from
+``data/demo/text_encoder``: ``make text-encoder`` writes it; ``--override key=value`` edits its
+``model.overrides``, ``--pretrained component=source`` its ``model.pretrained``) is trained on the chosen task's training requests of a generated world, with
 t drawn uniformly from [--min-t, 1000) and no condition dropout. Every --every steps its one-step
 x₀ estimates at t = 950 — made from near-pure noise, so only the condition and the source decide
 them, as they decide a sample's scene — are read back by the pixel judge on the held-out requests
@@ -67,13 +68,14 @@ def model_overrides(config: str, overrides: list[str]) -> dict:
 
 
 def model_pretrained(config: str, sources: list[str]) -> dict:
-    """The config's ``model.pretrained`` with each ``component=source`` set (e.g. t5=<dir>)."""
+    """The config's ``model.pretrained`` with each ``component=source`` set (e.g. t5=<dir>;
+    ``t5=null``: random init)."""
     merged = model_section(config, "pretrained")
     for item in sources:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"--pretrained {item!r}: expected component=source, e.g. t5=data/demo/t5")
-        merged[key] = value
+        merged[key] = None if value == "null" else value
     return merged
 
 

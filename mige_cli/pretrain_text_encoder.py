@@ -11,8 +11,9 @@ parsed by the same LightningCLI parser): the T5's shape comes from ``model.prese
 ``model.overrides`` / ``model.pretrained.tokenizer``, the texts from ``data.synthetic`` (the world is
 generated first when it is not there yet, as ``fit`` would), and the encoder is written where
 ``model.pretrained.t5`` points (or ``--out``). Nothing is done when that directory already holds an
-encoder pre-trained with the same settings; a directory that this command did not write is never
-overwritten.
+encoder pre-trained with the same settings; one pre-trained with other settings is replaced, and a
+directory that this command did not write is never touched. The encoder is written beside the
+target and moved into place when complete, so an interrupted run leaves nothing half-written there.
 
 The objective is T5's own kind, denoising with an encoder-decoder: each word of a training
 instruction (task prefix + instruction, exactly the text the model's encoder sees) is replaced by a
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -108,12 +110,13 @@ def world_texts(root: str | Path, split: str) -> list[str]:
     return texts
 
 
-def settings_of(model: dict, world: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """What the saved encoder depends on; a directory with the same settings is up to date."""
+def settings_of(mige, world: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """What the saved encoder depends on (its T5 config, tokenizer and image slots, the world, the
+    recipe); a directory with the same settings is up to date."""
     return {
-        "preset": model.get("preset"),
-        "overrides": model.get("overrides"),
-        "tokenizer": (model.get("pretrained") or {}).get("tokenizer"),
+        "t5": dict(mige.t5),
+        "tokenizer": mige.pretrained.tokenizer,
+        "num_query_tokens": mige.num_query_tokens,
         "world": dict(world),
         **{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "mask", "decoder_layers", "seed")},
     }
@@ -133,7 +136,10 @@ def pretrain(args: argparse.Namespace, cli_args: list[str]) -> dict[str, Any]:
         raise SystemExit(
             "pretrain-text-encoder: give --out or set model.pretrained.t5 to the directory to write"
         )
-    settings = settings_of(model_cfg, world, args)
+    overrides = {k: v for k, v in (model_cfg.get("overrides") or {}).items() if k != "train_text_encoder"}
+    # the T5 to pre-train is the config's random one: its shape, not its (still missing) weights
+    mige = get_config(model_cfg.get("preset", "tiny"), overrides, {**pretrained, "t5": None})
+    settings = json.loads(json.dumps(settings_of(mige, world, args)))  # as it reads back from disk
     if out.exists():
         record = out / RECORD
         if not record.is_file():
@@ -150,9 +156,6 @@ def pretrain(args: argparse.Namespace, cli_args: list[str]) -> dict[str, Any]:
     if not (root / "world.json").is_file():  # as the data module's prepare_data does
         generate(root, **spec)
 
-    overrides = {k: v for k, v in (model_cfg.get("overrides") or {}).items() if k != "train_text_encoder"}
-    # the T5 to pre-train is the config's random one: its shape, not its (still missing) weights
-    mige = get_config(model_cfg.get("preset", "tiny"), overrides, {**pretrained, "t5": None})
     tokenizer = load_tokenizer(mige.pretrained.tokenizer or "byte")
     image_id, mask_id = len(tokenizer), len(tokenizer) + 1
     t5 = dict(mige.t5)
@@ -228,9 +231,15 @@ def pretrain(args: argparse.Namespace, cli_args: list[str]) -> dict[str, Any]:
     missing = [k for k in missing if k != "encoder.embed_tokens.weight"]  # tied to shared.weight
     if missing:
         raise RuntimeError(f"encoder weights not copied: {missing[:5]}")
-    encoder.save_pretrained(out)
+    # written beside, moved into place when complete: an interrupted run leaves no half directory
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    encoder.save_pretrained(partial)
     summary = {"settings": settings, "log": log}
-    (out / RECORD).write_text(json.dumps(summary, indent=1))
+    (partial / RECORD).write_text(json.dumps(summary, indent=1))
+    if out.exists():  # our own, with other settings (checked above)
+        shutil.rmtree(out)
+    partial.rename(out)
     print(f"wrote {out} (load it with model.pretrained.t5: {out})")
     return summary
 

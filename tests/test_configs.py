@@ -219,6 +219,12 @@ def test_missing_local_pretrained_path_fails_at_startup(tmp_path, monkeypatch):
         FileNotFoundError, match=r"model\.pretrained\.t5: local pretrained path '/no/such/t5'"
     ):
         main(["--config", str(REPO / "configs/demo.yaml"), "--model.pretrained={t5: /no/such/t5}"], run=False)
+    # the demo before its text encoder is pre-trained: the error says which command writes it
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'data/demo/text_encoder' does not exist; .* `python -m mige_lightning pretrain-text-encoder",
+    ):
+        main(["--config", str(REPO / "configs/demo.yaml")], run=False)
 
 
 def test_malformed_yaml_value_names_the_key(tmp_path, monkeypatch, capsys):

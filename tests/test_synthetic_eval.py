@@ -231,6 +231,7 @@ def test_condition_probe_overrides_and_word_vectors():
 
     sources = model_pretrained(str(REPO / "configs/demo.yaml"), ["t5=/some/dir"])
     assert sources == {"tokenizer": "words", "t5": "/some/dir"}  # the config's tokenizer kept
+    assert model_pretrained(str(REPO / "configs/demo.yaml"), ["t5=null"])["t5"] is None
     with pytest.raises(ValueError, match="component=source"):
         model_pretrained(str(REPO / "configs/demo.yaml"), ["t5="])
     bare, _ = WordCondition(8, positions=False)(["the red"])
@@ -286,7 +287,7 @@ def test_text_encoder_pretraining_rows_and_frozen_flag_needs_weights():
 
 
 @pytest.mark.slow
-def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
+def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path, monkeypatch):
     """`pretrain-text-encoder` writes a T5 that the model loads through model.pretrained.t5; with
     train_text_encoder false it keeps those weights (no gradient), while the image tokens that pass
     through it still train the Q-Former. Run again with the same settings it does nothing; with
@@ -324,6 +325,22 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path):
     with pytest.raises(SystemExit, match="holds no pretraining.json"):
         main([*command, "--out", str(foreign), "--steps", "2"])
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+    # killed while saving: nothing half-written where the config points; the next run completes
+    from transformers import T5EncoderModel
+
+    def killed(self, path, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    interrupted = tmp_path / "t5_interrupted"
+    monkeypatch.setattr(T5EncoderModel, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*command, "--out", str(interrupted), "--steps", "1", "--batch-size", "8"])
+    monkeypatch.undo()
+    assert not interrupted.exists()
+    main([*command, "--out", str(interrupted), "--steps", "1", "--batch-size", "8"])
+    assert (interrupted / "model.safetensors").is_file() and (interrupted / "pretraining.json").is_file()
 
     frozen = json.dumps(model_overrides(str(REPO / "configs/demo.yaml"), ["train_text_encoder=false"]))
     cli = main(

@@ -62,8 +62,18 @@ class PretrainedSources:
         """Fail at start-up (not hours later) on a local path that does not exist."""
         for name in ("t5", "tokenizer", "blip2", "dit", "vae"):
             value = getattr(self, name)
-            if value is not None and value not in BUILT_IN_TOKENIZERS:
+            if value is None or value in BUILT_IN_TOKENIZERS:
+                continue
+            try:
                 resolve_source(value, key=f"{key}.{name}")
+            except FileNotFoundError as err:
+                if name != "t5":
+                    raise
+                # the demo's small T5 has no public checkpoint: this project pre-trains it
+                raise FileNotFoundError(
+                    f"{err}; a config's own small T5 is written there by `python -m mige_lightning "
+                    "pretrain-text-encoder --config <the same configs>` (make demo runs it first)"
+                ) from err
         if self.null_embedding is not None and not Path(self.null_embedding).expanduser().is_file():
             raise FileNotFoundError(f"{key}.null_embedding: file '{self.null_embedding}' does not exist")
 
