@@ -15,6 +15,10 @@ the model (EMA weights, the demo's config) predicts x₀ from it in one forward 
    request — and when only its slot word (``left`` / ``center`` / ``right``, the first one in the
    instruction) names the next slot: whether the model knows *where* its instruction says;
 4. a picture (``--out``): per request, source | target | estimate at t = 950, 700, 400.
+
+Any other argument goes to the CLI that builds the model from ``--config`` (e.g.
+``--model.pretrained.t5=null --model.overrides.train_text_encoder=true`` for a checkpoint trained
+with a from-scratch T5).
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ JUDGED_T = (0, 50, 200, 400, 700, 950)
 CONDITION_T = (50, 400, 700, 950)
 
 
-def load_module(config: str, ckpt: Path):
-    cli = cli_main(["--config", config, "--trainer.logger=false"], run=False)
+def load_module(config: str, ckpt: Path, cli_args: list[str] | None = None):
+    cli = cli_main(["--config", config, *(cli_args or []), "--trainer.logger=false"], run=False)
     module = cli.model
     module.configure_model()
     state = load_checkpoint_file(ckpt)
@@ -134,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world", default="data/demo")
     ap.add_argument("--split", default="train", help="records for the condition-use table")
     ap.add_argument("--out", type=Path, default=Path("bench/denoise_diagnosis.png"))
-    args = ap.parse_args(argv)
-    module, data = load_module(args.config, args.ckpt)
+    # any other argument goes to the CLI that builds the model (e.g. --model.pretrained.t5=...)
+    args, cli_args = ap.parse_known_args(argv)
+    module, data = load_module(args.config, args.ckpt, cli_args)
     truth = {str(s.target): s for s in load_truth(args.world, "heldout").values()}
     size = world_size(args.world)
 

@@ -163,6 +163,7 @@ def test_denoise_diagnosis_runs_on_a_checkpoint(trained, capsys):
     picture = root / "diagnosis.png"
     diagnose(
         ["--ckpt", str(ckpt), "--world", str(root / "world"), "--split", "heldout", "--out", str(picture)]
+        + list(SCRATCH_TEXT_ENCODER)  # passed on to the CLI that builds the model: the fixture's T5
     )
     printed = capsys.readouterr().out
     judged = [
@@ -261,6 +262,7 @@ def test_condition_probe_trains_and_judges(trained, capsys):
     root, _ = trained
     common = ["--world", str(root / "world"), "--task", "edit", "--steps", "2", "--every", "1"]
     common += ["--batch-size", "2", "--extra-eval", "3", "--override", "t5.num_layers=1"]
+    common += ["--pretrained", "t5=null", "--override", "train_text_encoder=true"]  # T5 from scratch
     for condition in ("encoder", "words"):
         rows = probe([*common, "--condition", condition])
         assert [r["step"] for r in rows] == [0, 1, 2]

@@ -68,7 +68,12 @@ def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path):
             "check_images": False,
             "val_per_task": 1,
         },
-        "model": {"overrides": {"resolution": 16}, "warmup_steps": 1, "eval_num_inference_steps": 2},
+        "model": {
+            "overrides": {"resolution": 16},
+            "pretrained": {"tokenizer": "words", "t5": None},  # a from-scratch T5, as tests/fsdp_probe.py
+            "warmup_steps": 1,
+            "eval_num_inference_steps": 2,
+        },
     }
     path = tmp_path / "overlay.yaml"
     path.write_text(yaml.safe_dump(overlay))
