@@ -40,11 +40,12 @@ import torch
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
 from datamodules.records import read_manifest
+from datamodules.training_data import TrainingDataModule
 from mige_cli.cli import CLI_CLASSES, MIGECLI
 from mige_lightning.models.loading import load_tokenizer
 from mige_lightning.models.presets import get_config
 from mige_lightning.prompt import build_prompt, split_placeholders
-from mige_lightning.synthetic import generate, manifest_specs
+from mige_lightning.synthetic import manifest_specs
 
 RECORD = "pretraining.json"
 
@@ -146,15 +147,14 @@ def pretrain(args: argparse.Namespace, cli_args: list[str]) -> dict[str, Any]:
             raise SystemExit(
                 f"{out} exists and holds no {RECORD}: not written by this command, left as it is"
             )
-        if json.loads(record.read_text()).get("settings") == settings:
+        saved = json.loads(record.read_text())
+        if saved.get("settings") == settings:
             print(f"{out}: already pre-trained with these settings; nothing to do")
-            return json.loads(record.read_text())
+            return saved
         print(f"{out}: pre-trained with other settings; training it again")
 
-    spec = dict(world)
-    root = Path(spec.pop("root", "data/demo"))
-    if not (root / "world.json").is_file():  # as the data module's prepare_data does
-        generate(root, **spec)
+    TrainingDataModule(synthetic=dict(world)).prepare_data()  # generates the world when missing
+    root = Path(world.get("root", "data/demo"))
 
     tokenizer = load_tokenizer(mige.pretrained.tokenizer or "byte")
     image_id, mask_id = len(tokenizer), len(tokenizer) + 1
