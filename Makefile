@@ -10,7 +10,7 @@ GPUS_PER_NODE ?= 8
 SLURM_CONFIG ?= configs/mige_xl.yaml configs/trainer/fsdp.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo text-encoder predict-demo replicate-mutual bench-curve bench-targets test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
+.PHONY: help install demo pretrain-world predict-demo replicate-mutual bench-curve bench-targets test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package with its dev extras
 
-demo: text-encoder ## generate the world, pre-train its text encoder, train the demo model on CPU (configs/demo.yaml)
+demo: $(STAMP) ## generate the world, fine-tune MIGE from the world's shipped pretrained components on CPU (configs/demo.yaml)
 	$(BIN)/python -m mige_lightning fit --config $(CONFIG)
 
-text-encoder: $(STAMP) ## generate the demo world if needed and pre-train its T5 (data/demo/text_encoder; kept when up to date)
-	$(BIN)/python -m mige_lightning pretrain-text-encoder --config $(CONFIG)
+pretrain-world: $(STAMP) ## make the world's pretrained components again: T5, vision bridge, text-to-image DiT (mige_world/pretrained)
+	$(BIN)/python -m mige_lightning pretrain-world --config $(CONFIG)
 
 predict-demo: $(STAMP) ## sample the held-out requests with the newest demo checkpoint, judge them → predictions/demo/
 	@ckpt=$$(ls -td runs/demo/version_*/checkpoints/last.ckpt 2>/dev/null | head -1); \
@@ -38,10 +38,10 @@ predict-demo: $(STAMP) ## sample the held-out requests with the newest demo chec
 replicate-mutual: $(STAMP) ## joint vs single-task training on the synthetic world, 4 settings × 3 seeds (~1 h) → docs/RESULTS.md
 	$(BIN)/python bench/replicate_mutual.py
 
-bench-curve: text-encoder ## the demo's held-out scene accuracy against wall time, 30 minutes
+bench-curve: $(STAMP) ## the demo's held-out scene accuracy against wall time, 30 minutes
 	$(BIN)/python bench/learning_curve.py --minutes 30 --every 700
 
-bench-targets: text-encoder ## epsilon vs v vs x0 prediction (and min-SNR) on the demo at equal steps (~12 min)
+bench-targets: $(STAMP) ## epsilon vs v vs x0 prediction (and min-SNR) on the demo at equal steps (~12 min)
 	$(BIN)/python bench/compare_targets.py --steps 400
 
 test: $(STAMP) ## run the whole test suite (slow tests included, as CI does)

@@ -7,7 +7,7 @@ Trains the demo model on one synthetic world in four settings with the same opti
 batch size (``configs/demo.yaml`` + ``configs/experiments/mutual.yaml`` + one of):
 (a) ``joint``: every task at the demo's ratios; (b) ``subject_only``; (c) ``edit_only``;
 (d) ``subject_and_edit``: no subject_edit data. Each setting with every seed (model init, noise and
-data order; the world and its pre-trained text encoder are the same), then samples every held-out request of every task with the
+data order; the world and the pretrained components every run starts from are the same), then samples every held-out request of every task with the
 run's EMA weights and the demo's task defaults and reads the images back with the pixel judge.
 Writes ``docs/RESULTS.md`` (mean ± half-range over seeds; the copy-the-input baseline row) and
 ``runs/mutual/results.json`` (every run's numbers).
@@ -110,11 +110,6 @@ def main() -> None:
                 merged.setdefault(section, {}).update(values)
     world = REPO / merged["data"]["synthetic"]["root"]
     start = time.perf_counter()
-    # the world (when missing) and its text encoder, shared by every setting and seed
-    pretrain = [sys.executable, "-m", "mige_lightning", "pretrain-text-encoder"]
-    for c in configs("joint"):
-        pretrain += ["--config", c]
-    subprocess.run(pretrain, cwd=REPO, check=True)
     results: dict[str, list] = {}
     every: dict = {}
     baseline = None

@@ -156,6 +156,15 @@ class MIGECLI(LightningCLI):
         if self.subcommand == "fit":  # under SLURM: runs/<name>/slurm_<job id>/, kept across requeues
             if use_job_run_dir(self.config["fit"]["trainer"]) is None:
                 refuse_taken_version(self.config["fit"])
+        if self.subcommand in ("fit", "validate"):  # components pre-trained for another world: refuse
+            from mige_world.pretrain import check_components
+
+            section = self.config[self.subcommand]
+            data = _plain(section["data"])
+            check_components(
+                _plain(section["model"].get("pretrained")) or {},
+                (data.get("init_args") or data).get("synthetic"),
+            )
 
     def before_fit(self) -> None:
         # SIGTERM (and SLURM's pre-emption signal): checkpoint after the step, on every rank together

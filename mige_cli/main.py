@@ -2,7 +2,7 @@
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` go to the LightningCLI (``mige_cli/cli.py``);
 ``cache-latents``, ``export``, ``convert-authors``, ``inspect`` / ``inspect-manifest``,
-``judge-synthetic`` and ``pretrain-text-encoder`` to their own modules. This package is the top layer: the only code that imports
+``judge-synthetic`` and ``pretrain-world`` to their own modules. This package is the top layer: the only code that imports
 both the data modules and the callbacks (docs/DESIGN.md, "Layers").
 """
 
@@ -30,11 +30,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
         from mige_cli.judge_synthetic import main as judge_main
 
         return judge_main(argv[1:])
-    if argv[:1] == ["pretrain-text-encoder"]:
-        # a config's small T5 pre-trained on its synthetic world's instructions (make demo)
-        from mige_cli.pretrain_text_encoder import main as pretrain_main
+    if argv[:1] == ["pretrain-world"]:
+        # the synthetic world's pretrained components: T5, vision bridge, text-to-image DiT
+        from mige_cli.pretrain_world import main as world_main
 
-        return pretrain_main(argv[1:])
+        return world_main(argv[1:])
     if argv[:1] in (["inspect"], ["inspect-manifest"]):
         # what is in a set of manifests: tasks (declared and by shape), references, sizes, problems
         from datamodules.manifest_report import main as inspect_main

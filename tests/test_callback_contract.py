@@ -18,7 +18,7 @@ import torch
 import callbacks
 from callbacks.ema import EMA
 from mige_cli.main import main
-from tests.conftest import SCRATCH_TEXT_ENCODER, LinearModule, bare_trainer
+from tests.conftest import FROM_SCRATCH, LinearModule, bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # optimiser steps per fit; validation every 2 of them
@@ -80,7 +80,7 @@ def _fit_twice(tmp_path, monkeypatch, class_path: str, accumulate: int) -> list[
         [
             "--config",
             str(REPO / "configs/demo.yaml"),
-            *SCRATCH_TEXT_ENCODER,
+            *FROM_SCRATCH,
             f"--trainer.callbacks={json.dumps(entry)}",
             f"--trainer.max_steps={STEPS}",
             f"--trainer.accumulate_grad_batches={accumulate}",

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mige_cli.main import main
-from tests.conftest import SCRATCH_TEXT_ENCODER
+from tests.conftest import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
@@ -75,12 +75,8 @@ def test_config_parses_and_runs_one_step(configs, tmp_path, monkeypatch):
     # the files as shipped (only the device moved to CPU): every key is type-checked and the
     # model's start-up validation (preset, overrides, pretrained paths) runs
     config_args = [a for p in configs for a in ("--config", str(p))]
-    for p in configs:  # a T5 this project pre-trains (make demo runs pretrain-text-encoder first)
-        t5 = ((yaml.safe_load(p.read_text()).get("model") or {}).get("pretrained") or {}).get("t5")
-        if t5 and Path(t5).parts[0] == "data":
-            world = f"--data.synthetic={{root: {tmp_path}/world, num_samples: 8, size: 32}}"
-            main(["pretrain-text-encoder", *config_args, world, "--steps", "2", "--batch-size", "4"])
-            assert (tmp_path / t5 / "model.safetensors").is_file()
+    # the demo world's shipped components, where the config's relative paths point
+    (tmp_path / "mige_world").symlink_to(REPO / "mige_world")
     parsed = main([*config_args, *CPU_STEP[:3]], run=False)
     raw = {}
     for p in configs:  # what the composed files say (later files win per top-level key section)
@@ -121,7 +117,7 @@ def test_debug_overlays_compose_with_the_demo(overlay, tmp_path, monkeypatch):
         str(REPO / "configs/demo.yaml"),
         "--config",
         str(overlay),
-        *SCRATCH_TEXT_ENCODER,
+        *FROM_SCRATCH,
         *CPU_STEP,
         *_data_swap(tmp_path),
     ]
@@ -139,7 +135,7 @@ def test_replication_settings_compose_with_the_demo(setting, tmp_path, monkeypat
         str(REPO / "configs/experiments/mutual.yaml"),
         "--config",
         str(setting),
-        *SCRATCH_TEXT_ENCODER,
+        *FROM_SCRATCH,
         *CPU_STEP,
         # 36 training scenes: every pool of a single-task setting still fills a batch of 8
         f"--data.synthetic={{root: {tmp_path}/world, num_samples: 40, size: 32}}",
@@ -162,7 +158,7 @@ def test_demo_trains_and_leaves_events_and_checkpoint(tmp_path, monkeypatch):
     args = [
         "--config",
         str(REPO / "configs/demo.yaml"),
-        *SCRATCH_TEXT_ENCODER,
+        *FROM_SCRATCH,
         "--trainer.max_steps=8",
         "--trainer.log_every_n_steps=2",
         # Lightning's validation loop every 4 batches, 2 sampler steps
@@ -215,16 +211,17 @@ def test_unknown_preset_fails_at_startup_naming_the_key(tmp_path, monkeypatch):
 
 def test_missing_local_pretrained_path_fails_at_startup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "mige_world").symlink_to(REPO / "mige_world")  # the shipped world components
     with pytest.raises(
         FileNotFoundError, match=r"model\.pretrained\.t5: local pretrained path '/no/such/t5'"
     ):
         main(["--config", str(REPO / "configs/demo.yaml"), "--model.pretrained={t5: /no/such/t5}"], run=False)
-    # the demo before its text encoder is pre-trained: the error says which command writes it
+    # a world component that is not there: the error says which command makes it
     with pytest.raises(
         FileNotFoundError,
-        match=r"'data/demo/text_encoder' does not exist; .* `python -m mige_lightning pretrain-text-encoder",
+        match=r"'/no/such/dit' does not exist; .* `python -m mige_lightning pretrain-world",
     ):
-        main(["--config", str(REPO / "configs/demo.yaml")], run=False)
+        main(["--config", str(REPO / "configs/demo.yaml"), "--model.pretrained.dit=/no/such/dit"], run=False)
 
 
 def test_malformed_yaml_value_names_the_key(tmp_path, monkeypatch, capsys):
@@ -277,7 +274,7 @@ def test_pools_without_a_weight_fail_before_the_model_is_built(tmp_path, monkeyp
     args = [
         "--config",
         str(REPO / "configs/demo.yaml"),
-        *SCRATCH_TEXT_ENCODER,
+        *FROM_SCRATCH,
         *CPU_STEP,
         "--data.synthetic=null",
         f"--data.manifests=[{{path: {world}/train_subject.json, task: subject}}, "
@@ -373,7 +370,7 @@ def test_each_path_gets_its_own_data_module_with_only_its_arguments():
 
     def data_of(*configs):
         args = [a for c in configs for a in ("--config", str(REPO / c))]
-        return main([*args, *SCRATCH_TEXT_ENCODER, "--trainer.logger=false"], run=False).datamodule
+        return main([*args, *FROM_SCRATCH, "--trainer.logger=false"], run=False).datamodule
 
     fit = data_of("configs/demo.yaml")
     predict = data_of("configs/demo.yaml", "configs/predict/demo.yaml")

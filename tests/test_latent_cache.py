@@ -14,7 +14,7 @@ from mige_cli.main import main
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.synthetic import generate
 from mige_lightning.transforms import Transforms
-from tests.conftest import SCRATCH_TEXT_ENCODER
+from tests.conftest import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_cache_latents_command_then_training_reads_the_cache(tmp_path, monkeypat
     base = [
         "--config",
         str(REPO / "configs/demo.yaml"),
-        *SCRATCH_TEXT_ENCODER,
+        *FROM_SCRATCH,
         f"--data.synthetic={{root: {tmp_path}/w, num_samples: 24, size: 32}}",
         f"--data.latent_cache={tmp_path}/latents",
         "--data.batch_size=4",

@@ -1,9 +1,9 @@
 """The dependency direction of the project's packages (docs/DESIGN.md, "Layers"):
 
     mige_cli            the CLI and every command (+ ``mige_lightning/__main__.py``, its launcher)
-       │         │
-    datamodules  callbacks siblings: neither imports the other
-       │         │
+       │         │          │
+    datamodules  callbacks  mige_world   siblings: none imports another
+       │         │          │            (mige_world: the synthetic world's pretraining stages)
     mige_lightning         the library: model, diffusion, pipeline, metrics, module, helpers
 
 Every import counts, also one inside a function (a lazy import is still a dependency).
@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("mige_lightning", "datamodules", "callbacks", "mige_cli")
+PACKAGES = ("mige_lightning", "datamodules", "callbacks", "mige_world", "mige_cli")
 MAY_IMPORT = {
     "mige_lightning": {"mige_lightning"},
     "datamodules": {"mige_lightning", "datamodules"},
     "callbacks": {"mige_lightning", "callbacks"},
+    "mige_world": {"mige_lightning", "mige_world"},
     "mige_cli": set(PACKAGES),
 }
 LAUNCHER = Path("mige_lightning/__main__.py")  # `python -m mige_lightning`: runs mige_cli.main

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mige_cli.main import main
-from tests.conftest import SCRATCH_TEXT_ENCODER
+from tests.conftest import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_predict_on_demo_checkpoint_writes_images_and_log(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     world = f"--data.synthetic={{root: {tmp_path}/world, num_samples: 40, size: 32, seed: 0}}"
     cli = main(
-        ["--config", str(REPO / "configs/demo.yaml"), *SCRATCH_TEXT_ENCODER, world, "--trainer.max_steps=4"],
+        ["--config", str(REPO / "configs/demo.yaml"), *FROM_SCRATCH, world, "--trainer.max_steps=4"],
         run=False,
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -54,7 +54,7 @@ def test_predict_on_demo_checkpoint_writes_images_and_log(tmp_path, monkeypatch,
                 str(REPO / "configs/demo.yaml"),
                 "--config",
                 str(REPO / "configs/predict/demo.yaml"),
-                *SCRATCH_TEXT_ENCODER,
+                *FROM_SCRATCH,
                 f"--data.requests={req_file}",
                 f"--trainer.callbacks.init_args.output_dir={out_dir}",
                 "--ckpt_path",

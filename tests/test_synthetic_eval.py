@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mige_cli.main import main
-from tests.conftest import SCRATCH_TEXT_ENCODER
+from tests.conftest import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
         [
             "--config",
             str(REPO / "configs/demo.yaml"),
-            *SCRATCH_TEXT_ENCODER,
+            *FROM_SCRATCH,
             world,
             "--trainer.max_steps=2",
             f"--trainer.logger.init_args.save_dir={root}/runs",
@@ -47,7 +47,7 @@ def test_predict_then_judge_writes_table_and_contact_sheet(trained, capsys):
             str(REPO / "configs/demo.yaml"),
             "--config",
             str(REPO / "configs/predict/demo.yaml"),
-            *SCRATCH_TEXT_ENCODER,
+            *FROM_SCRATCH,
             f"--data.requests={root}/world/heldout_requests.jsonl",
             f"--trainer.callbacks.init_args.output_dir={out}",
             "--ckpt_path",
@@ -81,7 +81,7 @@ def test_test_on_the_synthetic_benchmark_reports_scene_accuracy(trained):
             str(REPO / "configs/demo.yaml"),
             "--config",
             str(REPO / "configs/eval/synthetic.yaml"),
-            *SCRATCH_TEXT_ENCODER,
+            *FROM_SCRATCH,
             f"--data.benchmark={{name: synthetic, root: {root}/world}}",
             f"--trainer.callbacks.init_args.output_dir={root}/eval",
             "--ckpt_path",
@@ -163,7 +163,7 @@ def test_denoise_diagnosis_runs_on_a_checkpoint(trained, capsys):
     picture = root / "diagnosis.png"
     diagnose(
         ["--ckpt", str(ckpt), "--world", str(root / "world"), "--split", "heldout", "--out", str(picture)]
-        + list(SCRATCH_TEXT_ENCODER)  # passed on to the CLI that builds the model: the fixture's T5
+        + list(FROM_SCRATCH)  # passed on to the CLI that builds the model: the fixture's T5
     )
     printed = capsys.readouterr().out
     judged = [
@@ -276,12 +276,12 @@ def test_condition_probe_trains_and_judges(trained, capsys):
 def test_text_encoder_pretraining_rows_and_frozen_flag_needs_weights():
     """The pre-training text is laid out as the encoder lays it out (Q image-slot ids per
     placeholder, EOS last); ``train_text_encoder: false`` without a pretrained T5 is refused."""
-    from mige_cli.pretrain_text_encoder import token_rows
     from mige_lightning.models.loading import build_word_tokenizer
     from mige_lightning.models.presets import get_config
+    from mige_world.pretrain import text_rows
 
     tok = build_word_tokenizer()
-    (row,) = token_rows(["make the red circle in <imagehere> blue"], tok, num_queries=3, image_id=99)
+    (row,) = text_rows(["make the red circle in <imagehere> blue"], tok, num_queries=3, image_id=99)
     words = tok("make the red circle in", add_special_tokens=False)["input_ids"]
     assert row == [*words, 99, 99, 99, tok.convert_tokens_to_ids("blue"), tok.eos_token_id]
     with pytest.raises(ValueError, match="train_text_encoder: false needs a pretrained T5"):
@@ -290,13 +290,15 @@ def test_text_encoder_pretraining_rows_and_frozen_flag_needs_weights():
 
 @pytest.mark.slow
 def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path, monkeypatch):
-    """`pretrain-text-encoder` writes a T5 that the model loads through model.pretrained.t5; with
-    train_text_encoder false it keeps those weights (no gradient), while the image tokens that pass
-    through it still train the Q-Former. Run again with the same settings it does nothing; with
-    others it trains again; a directory it did not write is refused and left as it is."""
+    """`pretrain-world --stages t5` writes a T5 that the model loads through model.pretrained.t5;
+    with train_text_encoder false it keeps those weights (no gradient), while the image tokens that
+    pass through it still train the Q-Former. Run again with the same settings it does nothing; with
+    others it trains again; a directory it did not write is refused and left as it is; killed while
+    saving, it leaves nothing where the config points."""
     import sys
 
     import torch
+    import yaml
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -304,28 +306,41 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path, monke
     from denoise_diagnosis import batch_of, records_by_task
 
     root, _ = trained
-    out = tmp_path / "t5"
     world = (
         f"--data.synthetic={{root: {root}/world, num_samples: 48, size: 32, seed: 0, heldout_fraction: 0.25}}"
     )
-    command = ["pretrain-text-encoder", "--config", str(REPO / "configs/demo.yaml"), world]
-    summary = main([*command, "--out", str(out), "--steps", "30", "--batch-size", "8"])
-    first, last = summary["log"][0], summary["log"][-1]
-    assert last["token_acc"] > first["token_acc"]  # it learned something about the texts
+
+    def command(out: Path, *recipe: str) -> list[str]:
+        overlay = tmp_path / f"{out.name}.yaml"
+        pretrained = {"tokenizer": "words", "t5": str(out), "blip2": str(out) + "_b", "dit": str(out) + "_d"}
+        pretrained["null_embedding"] = str(out) + "_d/null_caption.safetensors"
+        overlay.write_text(yaml.safe_dump({"model": {"pretrained": pretrained}}))
+        args = [
+            "pretrain-world",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--config",
+            str(overlay),
+            world,
+        ]
+        return [*args, "--stages", "t5", "--t5-batch", "8", f"--log-dir={tmp_path / 'runs'}", *recipe]
+
+    out = tmp_path / "t5"
+    summary = main(command(out, "--t5-steps", "30"))["components"]["t5"]
+    barely = main(command(tmp_path / "t5_barely", "--t5-steps", "1"))["components"]["t5"]
+    assert summary["measure"]["token_acc"] > barely["measure"]["token_acc"]  # it learned the texts
     saved = load_file(out / "model.safetensors")
     assert not any(k.startswith("decoder.") for k in saved)
     written = (out / "model.safetensors").stat().st_mtime_ns
-    assert main([*command, "--out", str(out), "--steps", "30", "--batch-size", "8"]) == summary
+    assert main(command(out, "--t5-steps", "30"))["components"]["t5"] == summary
     assert (out / "model.safetensors").stat().st_mtime_ns == written  # up to date: not trained again
-    other = tmp_path / "t5_other"
-    main([*command, "--out", str(other), "--steps", "1", "--batch-size", "8"])
-    again = main([*command, "--out", str(other), "--steps", "2", "--batch-size", "8"])
-    assert again["settings"]["steps"] == 2 and [e["step"] for e in again["log"]] == [0, 2]
+    again = main(command(tmp_path / "t5_barely", "--t5-steps", "2"))["components"]["t5"]
+    assert again["settings"]["recipe"]["t5_steps"] == 2
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="holds no pretraining.json"):
-        main([*command, "--out", str(foreign), "--steps", "2"])
+        main(command(foreign, "--t5-steps", "2"))
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
     # killed while saving: nothing half-written where the config points; the next run completes
     from transformers import T5EncoderModel
@@ -338,10 +353,10 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path, monke
     interrupted = tmp_path / "t5_interrupted"
     monkeypatch.setattr(T5EncoderModel, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
-        main([*command, "--out", str(interrupted), "--steps", "1", "--batch-size", "8"])
+        main(command(interrupted, "--t5-steps", "1"))
     monkeypatch.undo()
     assert not interrupted.exists()
-    main([*command, "--out", str(interrupted), "--steps", "1", "--batch-size", "8"])
+    main(command(interrupted, "--t5-steps", "1"))
     assert (interrupted / "model.safetensors").is_file() and (interrupted / "pretraining.json").is_file()
 
     frozen = json.dumps(model_overrides(str(REPO / "configs/demo.yaml"), ["train_text_encoder=false"]))
@@ -349,7 +364,7 @@ def test_pretrained_text_encoder_loads_and_stays_frozen(trained, tmp_path, monke
         [
             *("--config", str(REPO / "configs/demo.yaml")),
             f"--data.synthetic={{root: {root}/world, num_samples: 48, size: 32, seed: 0, heldout_fraction: 0.25}}",
-            f'--model.pretrained={{"tokenizer": "words", "t5": "{out}"}}',
+            f'--model.pretrained={{"tokenizer": "words", "t5": "{out}", "blip2": null, "dit": null, "null_embedding": null}}',
             f"--model.overrides={frozen}",
             "--trainer.logger=false",
         ],

@@ -15,7 +15,7 @@ from datamodules.heldout import shard_heldout
 from datamodules.records import Record
 from mige_cli.main import main
 from mige_lightning.prompt import Task
-from tests.conftest import SCRATCH_TEXT_ENCODER
+from tests.conftest import FROM_SCRATCH
 from tests.fsdp_probe import cli_env, fit_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_checkpoint_keeps_the_best_by_val_edit_l1_under_accumulation(tmp_path, m
         [
             "--config",
             str(REPO / "configs/demo.yaml"),
-            *SCRATCH_TEXT_ENCODER,
+            *FROM_SCRATCH,
             "--trainer.max_steps=6",
             "--trainer.accumulate_grad_batches=2",
             "--trainer.val_check_interval=4",  # training batches: every 2 optimiser steps

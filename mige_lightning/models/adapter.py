@@ -17,6 +17,13 @@ from torch import nn
 from mige_lightning.models.fusion import FeatureFusion
 
 
+def null_caption(length: int, text_dim: int) -> torch.Tensor:
+    """The fixed random null caption [L, D] a model starts with (seed 0, scale 1/sqrt(D)); drawn on
+    the CPU whatever the default device (a meta-device build gets the same values)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(length, text_dim, generator=gen, device="cpu") / math.sqrt(text_dim)
+
+
 class ConditionAdapter(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
@@ -41,10 +48,7 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
         self.fusion = FeatureFusion(query_dim, visual_dim, num_heads=num_heads, query_bias=fusion_query_bias)
         self.projection = nn.Linear(query_dim, text_dim)
         # PixArt-style fixed random null caption; replaced by the checkpoint's when one is given
-        gen = torch.Generator().manual_seed(0)
-        # drawn on the CPU whatever the default device (a meta-device build gets the same shape)
-        null = torch.randn(null_length, text_dim, generator=gen, device="cpu") / math.sqrt(text_dim)
-        self.register_buffer("null_condition", null)  # [L, D], persistent: saved with the model
+        self.register_buffer("null_condition", null_caption(null_length, text_dim))  # persistent
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -27,9 +27,13 @@ def build_dit(
     source: str | None = None,
     subfolder: str | None = None,
     weights: bool = True,
+    conditional_input: bool = True,
 ) -> PixArtTransformer2DModel:
-    """weights=False: a pretrained source's architecture only (its config), for a skeleton build."""
-    in_channels, out_channels = 2 * latent_channels, 2 * latent_channels
+    """weights=False: a pretrained source's architecture only (its config), for a skeleton build.
+    conditional_input=False: the plain text-to-image DiT (noisy latent in, no source channels), as
+    PixArt is before MIGE widens it."""
+    in_channels = (2 if conditional_input else 1) * latent_channels
+    out_channels = 2 * latent_channels
     if source is not None:
         src = resolve_source(source, key="model.pretrained.dit")
         if weights:

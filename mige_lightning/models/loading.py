@@ -67,12 +67,12 @@ class PretrainedSources:
             try:
                 resolve_source(value, key=f"{key}.{name}")
             except FileNotFoundError as err:
-                if name != "t5":
+                if name == "tokenizer":
                     raise
-                # the demo's small T5 has no public checkpoint: this project pre-trains it
+                # the demo world's small components have no public checkpoint: this project makes them
                 raise FileNotFoundError(
-                    f"{err}; a config's own small T5 is written there by `python -m mige_lightning "
-                    "pretrain-text-encoder --config <the same configs>` (make demo runs it first)"
+                    f"{err}; a synthetic world's own components are made by `python -m mige_lightning "
+                    "pretrain-world --config <the same configs>` (make pretrain-world)"
                 ) from err
         if self.null_embedding is not None and not Path(self.null_embedding).expanduser().is_file():
             raise FileNotFoundError(f"{key}.null_embedding: file '{self.null_embedding}' does not exist")

@@ -1,0 +1,145 @@
+"""The world's images in words, and which of them pre-training may see.
+
+The pretraining stages pair each training image with the words that describe it: a scene (a
+target or source image) with its caption, a reference (one sprite alone on white) with its name.
+Captions use the instructions' own phrasing and vocabulary (``a large <imagehere> on the left, on
+a pink background`` names a subject exactly where ``a large red circle on the left, on a pink
+background`` names it in words), so a subject request read through the vision bridge lands where
+the text-to-image DiT already knows what to draw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mige_lightning.prompt import split_placeholders
+from mige_lightning.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, manifest_specs
+
+SLOT_ORDER = tuple(POSITIONS)  # left, center, right
+
+
+def sprite_name(sprite: dict) -> str:
+    """A reference's words: ``red circle`` (its size and place come from the instruction)."""
+    return f"{sprite['colour']} {sprite['shape']}"
+
+
+def caption(scene: dict) -> str:
+    """A scene's caption, sprites left to right: ``a large red circle on the left and a small blue
+    square on the right, on a pink background``; an empty scene is ``a pink background``."""
+    sprites = sorted(scene["sprites"], key=lambda s: SLOT_ORDER.index(s["position"]))
+    phrase = " and ".join(f"a {s['size']} {sprite_name(s)} on the {s['position']}" for s in sprites)
+    return (
+        f"{phrase}, on a {scene['background']} background"
+        if phrase
+        else f"a {scene['background']} background"
+    )
+
+
+def scene_key(scene: dict) -> str:
+    """One string per distinct scene (sprite order does not matter)."""
+    sprites = sorted(scene["sprites"], key=lambda s: SLOT_ORDER.index(s["position"]))
+    return json.dumps({"background": scene["background"], "sprites": sprites}, sort_keys=True)
+
+
+def all_scenes(max_sprites: int = 2) -> list[dict]:
+    """Every scene the world can draw with up to ``max_sprites`` sprites of distinct kinds in
+    distinct slots (the candidates a scene is read back against)."""
+    kinds = [(c, s) for c in COLOURS for s in SHAPES]
+    scenes = []
+    for bg in BACKGROUNDS:
+        for n in range(max_sprites + 1):
+            for slots in itertools.combinations(SLOT_ORDER, n):
+                for chosen in itertools.permutations(kinds, n):
+                    for sizes in itertools.product(SIZES, repeat=n):
+                        sprites = [
+                            {"shape": k[1], "colour": k[0], "position": p, "size": z}
+                            for k, p, z in zip(chosen, slots, sizes, strict=True)
+                        ]
+                        scenes.append({"background": bg, "sprites": sprites})
+    return scenes
+
+
+@dataclass(frozen=True)
+class Described:
+    """One image of the world with the words that describe it."""
+
+    path: Path
+    words: str  # caption (scene) or name (reference)
+    kind: str  # "scene" or "reference"
+    scene: dict  # the scene shown (a reference: its one sprite, large, centred, on no background)
+
+
+def _sprite_set(scene: dict) -> set[tuple[str, str]]:
+    return {(s["colour"], s["shape"]) for s in scene["sprites"]}
+
+
+def record_images(record: dict, root: Path) -> list[Described]:
+    """Each image of a world record (``entity_path`` order, i.e. placeholder order) described."""
+    task_kind = record["kind"]
+    target, source = record["scene"], record.get("source_scene")
+    if task_kind == "subject":
+        # references in the order of the target's sprites (synthetic.py draws them so)
+        refs = iter(target["sprites"])
+    elif task_kind in ("add", "replace"):
+        incoming = _sprite_set(target) - _sprite_set(source)
+        refs = iter([s for s in target["sprites"] if (s["colour"], s["shape"]) in incoming])
+    else:
+        refs = iter(())
+    out = []
+    for rel in record["entity_path"]:
+        path = root / rel
+        if record["source_path"] and rel == record["source_path"][0]:
+            out.append(Described(path, caption(source), "scene", source))
+        else:
+            sprite = next(refs)
+            out.append(
+                Described(path, sprite_name(sprite), "reference", {"background": None, "sprites": [sprite]})
+            )
+    return out
+
+
+def worded(record: dict, images: list[Described]) -> str:
+    """The record's instruction with each ``<imagehere>`` replaced by its image's words."""
+    segments = split_placeholders(record["multi_prompt"])
+    parts = [segments[0]]
+    for described, seg in zip(images, segments[1:], strict=True):
+        parts += [described.words, seg]
+    return "".join(parts)
+
+
+def read_split(root: str | Path, split: str) -> list[tuple[str, dict]]:
+    """(task, record) for every record of a world split."""
+    out = []
+    for spec in manifest_specs(root, split):
+        out += [(spec["task"], r) for r in json.loads(Path(spec["path"]).read_text())]
+    return out
+
+
+def heldout_scene_keys(root: str | Path) -> frozenset[str]:
+    """Every scene a held-out record shows (target or source): pre-training never sees them."""
+    keys = set()
+    for _task, record in read_split(root, "heldout"):
+        keys.add(scene_key(record["scene"]))
+        if record.get("source_scene") is not None:
+            keys.add(scene_key(record["source_scene"]))
+    return frozenset(keys)
+
+
+def training_scenes(root: str | Path) -> list[Described]:
+    """Distinct (image, scene) pairs of the training split's targets and sources, minus every scene
+    a held-out record shows."""
+    root = Path(root)
+    excluded = heldout_scene_keys(root)
+    seen: dict[str, Described] = {}
+    for _task, record in read_split(root, "train"):
+        pairs = [(record["image"], record["scene"])]
+        if record.get("source_scene") is not None:
+            pairs.append((record["source_path"][0], record["source_scene"]))
+        for rel, scene in pairs:
+            key = scene_key(scene)
+            if key not in excluded and key not in seen:
+                seen[key] = Described(root / rel, caption(scene), "scene", scene)
+    return list(seen.values())
