@@ -227,7 +227,9 @@ def test_missing_local_pretrained_path_fails_at_startup(tmp_path, monkeypatch):
 def test_malformed_yaml_value_names_the_key(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "configs/demo.yaml").read_text().replace("lr: 1.0e-3", "lr: fast"))
+    text = (REPO / "configs/demo.yaml").read_text()
+    assert "\n  lr: 3.0e-4" in text
+    bad.write_text(text.replace("\n  lr: 3.0e-4", "\n  lr: fast"))
     with pytest.raises(SystemExit):
         main(["--config", str(bad)], run=False)
     err = capsys.readouterr().err

@@ -128,6 +128,11 @@ TINY_STAGES = [
 ]
 
 
+def one_layer_dit() -> dict:
+    overrides = yaml.safe_load((REPO / "configs/demo.yaml").read_text())["model"]["overrides"]
+    return {**overrides, "dit": {**overrides["dit"], "num_layers": 1}}
+
+
 def run_pretrain_world(tmp_path: Path, world: Path, out: str, *extra: str) -> dict:
     from mige_cli.main import main
 
@@ -144,7 +149,8 @@ def run_pretrain_world(tmp_path: Path, world: Path, out: str, *extra: str) -> di
                         "dit": str(parts / "dit"),
                         "null_embedding": str(parts / "dit" / "null_caption.safetensors"),
                     },
-                    "overrides": {"dit": {"num_layers": 1}},
+                    # a dict given whole replaces the demo's: the demo's overrides, a 1-layer DiT
+                    "overrides": one_layer_dit(),
                 },
                 "data": {
                     "synthetic": {
@@ -192,11 +198,10 @@ def test_stages_are_deterministic_and_load_into_mige(small_world, tmp_path):
     run_pretrain_world(tmp_path, small_world, "a")
     assert (tmp_path / "a" / "dit" / "pretraining.json").stat().st_mtime_ns == stamp
 
-    demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())["model"]
     parts = tmp_path / "a"
     config = get_config(
         "tiny",
-        {**demo["overrides"], "dit": {**demo["overrides"]["dit"], "num_layers": 1}},
+        one_layer_dit(),
         {
             "tokenizer": "words",
             "t5": str(parts / "t5"),
