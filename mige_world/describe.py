@@ -10,13 +10,12 @@ the text-to-image DiT already knows what to draw.
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from mige_lightning.prompt import split_placeholders
-from mige_lightning.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, manifest_specs
+from mige_lightning.synthetic import POSITIONS, manifest_specs
 
 SLOT_ORDER = tuple(POSITIONS)  # left, center, right
 
@@ -42,24 +41,6 @@ def scene_key(scene: dict) -> str:
     """One string per distinct scene (sprite order does not matter)."""
     sprites = sorted(scene["sprites"], key=lambda s: SLOT_ORDER.index(s["position"]))
     return json.dumps({"background": scene["background"], "sprites": sprites}, sort_keys=True)
-
-
-def all_scenes(max_sprites: int = 2) -> list[dict]:
-    """Every scene the world can draw with up to ``max_sprites`` sprites of distinct kinds in
-    distinct slots (the candidates a scene is read back against)."""
-    kinds = [(c, s) for c in COLOURS for s in SHAPES]
-    scenes = []
-    for bg in BACKGROUNDS:
-        for n in range(max_sprites + 1):
-            for slots in itertools.combinations(SLOT_ORDER, n):
-                for chosen in itertools.permutations(kinds, n):
-                    for sizes in itertools.product(SIZES, repeat=n):
-                        sprites = [
-                            {"shape": k[1], "colour": k[0], "position": p, "size": z}
-                            for k, p, z in zip(chosen, slots, sizes, strict=True)
-                        ]
-                        scenes.append({"background": bg, "sprites": sprites})
-    return scenes
 
 
 @dataclass(frozen=True)

@@ -55,14 +55,12 @@ from mige_world.describe import (
 from mige_world.stages import (
     LM_FOLDER,
     BridgePairs,
-    CaptionedImages,
-    HeldOutImages,
+    DescribedImages,
     TextCorpus,
     TextEncoderPretraining,
     TextToImagePretraining,
     VisionBridgePretraining,
-    collate_captioned,
-    collate_heldout,
+    collate_images,
     collate_pairs,
     seeded_loader,
     text_ids,
@@ -237,7 +235,7 @@ def t5_corpus(root: Path, records: list[tuple[str, dict]]) -> list[str]:
     return texts
 
 
-def stage_t5(mige: MIGEConfig, root: Path, out: Path, args, settings: dict) -> dict:
+def stage_t5(mige: MIGEConfig, root: Path, out: Path, args) -> dict:
     from mige_lightning.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(mige.pretrained.tokenizer or "byte")
@@ -283,7 +281,7 @@ def stage_t5(mige: MIGEConfig, root: Path, out: Path, args, settings: dict) -> d
     return {"partial": partial, "measure": module.measure}
 
 
-def stage_bridge(mige: MIGEConfig, root: Path, out: Path, t5_dir: Path, args, settings: dict) -> dict:
+def stage_bridge(mige: MIGEConfig, root: Path, out: Path, t5_dir: Path, args) -> dict:
     transforms = Transforms(mige.resolution, mige.vision_resolution, mige.vision_mean, mige.vision_std)
     images: dict[str, int] = {}
     described: list[Described] = []
@@ -334,11 +332,11 @@ def stage_bridge(mige: MIGEConfig, root: Path, out: Path, t5_dir: Path, args, se
             data, batch_size=args.bridge_batch, seed=args.seed, shuffle=True, collate_fn=collate_pairs
         ),
         seeded_loader(
-            HeldOutImages(heldout, transforms),
+            DescribedImages(heldout, transforms.vit),
             batch_size=256,
             seed=0,
             shuffle=False,
-            collate_fn=collate_heldout,
+            collate_fn=collate_images,
         ),
     )
     for words, read in module.examples[:8]:
@@ -364,9 +362,7 @@ def stage_bridge(mige: MIGEConfig, root: Path, out: Path, t5_dir: Path, args, se
     return {"partial": partial, "measure": module.measure}
 
 
-def stage_dit(
-    mige: MIGEConfig, model_cfg: dict, root: Path, out: Path, t5_dir: Path, args, settings: dict
-) -> dict:
+def stage_dit(mige: MIGEConfig, model_cfg: dict, root: Path, out: Path, t5_dir: Path, args) -> dict:
     transforms = Transforms(mige.resolution, mige.vision_resolution, mige.vision_mean, mige.vision_std)
     train = training_scenes(root)
     check_unseen(train, heldout_scene_keys(root))
@@ -392,18 +388,18 @@ def stage_dit(
     fit.fit(
         module,
         seeded_loader(
-            CaptionedImages(train, transforms),
+            DescribedImages(train, transforms.vae),
             batch_size=args.dit_batch,
             seed=args.seed,
             shuffle=True,
-            collate_fn=collate_captioned,
+            collate_fn=collate_images,
         ),
         seeded_loader(
-            CaptionedImages(heldout, transforms),
+            DescribedImages(heldout, transforms.vae),
             batch_size=64,
             seed=0,
             shuffle=False,
-            collate_fn=collate_captioned,
+            collate_fn=collate_images,
         ),
     )
     partial = out.with_name(out.name + ".partial")
@@ -532,11 +528,11 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
             continue
         start = time.time()
         if stage == "t5":
-            result = stage_t5(mige, root, out, args, settings)
+            result = stage_t5(mige, root, out, args)
         elif stage == "bridge":
-            result = stage_bridge(mige, root, out, paths["t5"], args, settings)
+            result = stage_bridge(mige, root, out, paths["t5"], args)
         else:
-            result = stage_dit(mige, model_cfg, root, out, paths["t5"], args, settings)
+            result = stage_dit(mige, model_cfg, root, out, paths["t5"], args)
         record = {
             "settings": settings,
             "measure": result["measure"],

@@ -198,26 +198,27 @@ def encode_texts(t5: T5EncoderModel, tokenizer, texts: list[str]) -> tuple[torch
     return hidden, mask.to(device)
 
 
-# ======================================================================================= text to image
-class CaptionedImages(Dataset):
-    """(pixels on the autoencoder path, caption, index) per scene; pixels read once, kept in memory."""
+class DescribedImages(Dataset):
+    """(pixels through ``transform``, index) per described image; pixels read once, kept in memory.
+    A module finds what an image shows (its words, its scene) in ``items[index]``."""
 
-    def __init__(self, items: list[Described], transforms: Transforms):
+    def __init__(self, items: list[Described], transform):
         self.items = items
-        self.pixels = load_pixels(items, transforms.vae)
+        self.pixels = load_pixels(items, transform)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
-        return self.pixels[i], self.items[i].words, i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.pixels[i], i
 
 
-def collate_captioned(batch):
-    pixels, captions, index = zip(*batch, strict=True)
-    return torch.stack(pixels), list(captions), list(index)
+def collate_images(batch):
+    pixels, index = zip(*batch, strict=True)
+    return torch.stack(pixels), list(index)
 
 
+# ======================================================================================= text to image
 class TextToImagePretraining(L.LightningModule):
     """The plain DiT (noisy latent in; no source channels) trained to draw a scene from its caption
     through the frozen pre-trained T5, with the fit config's diffusion settings; a caption is
@@ -291,7 +292,9 @@ class TextToImagePretraining(L.LightningModule):
         ).sample
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        pixels, captions, _ = batch
+        pixels, index = batch
+        items = self.trainer.train_dataloader.dataset.items
+        captions = [items[i].words for i in index]
         n = len(captions)
         drop = torch.rand(n, device=self.device) < self.hparams.p_uncond
         cond, cond_mask = self.condition(captions, drop)
@@ -335,9 +338,9 @@ class TextToImagePretraining(L.LightningModule):
         self.examples: list[tuple[PIL.Image.Image, str, bool]] = []
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        _pixels, captions, index = batch
+        _pixels, index = batch
         scenes = self.trainer.val_dataloaders.dataset.items
-        images = self.sample(captions, [self.hparams.seed + i for i in index])
+        images = self.sample([scenes[i].words for i in index], [self.hparams.seed + i for i in index])
         for image, i in zip(to_pil(images), index, strict=True):
             verdict = judge(image, scenes[i].scene, size=self.hparams.resolution)
             self._judged.append((verdict.correct, verdict.total, verdict.scene_correct))
@@ -635,25 +638,6 @@ def bridge_accuracy(read: list[tuple[dict, dict, str]]) -> dict[str, float]:
                     score(f"scene_{attr}", at_t[slot][attr] == g.get(attr))
         score("scene_acc", got is not None and scene_key(truth) == scene_key(got))
     return {k: round(c[0] / c[1], 4) for k, c in sorted(counts.items())}
-
-
-class HeldOutImages(Dataset):
-    """Held-out images (vision-tower pixels) with what they show, for the bridge's measure."""
-
-    def __init__(self, items: list[Described], transforms: Transforms):
-        self.items = items
-        self.pixels = load_pixels(items, transforms.vit)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.pixels[i], i
-
-
-def collate_heldout(batch):
-    pixels, index = zip(*batch, strict=True)
-    return torch.stack(pixels), list(index)
 
 
 def seeded_loader(dataset: Dataset, *, batch_size: int, seed: int, shuffle: bool, collate_fn) -> DataLoader:
