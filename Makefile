@@ -10,7 +10,7 @@ GPUS_PER_NODE ?= 8
 SLURM_CONFIG ?= configs/mige_xl.yaml configs/trainer/fsdp.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo pretrain-world predict-demo replicate-mutual bench-curve bench-targets test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
+.PHONY: help install demo pretrain-world predict-demo replicate-mutual bench-pretraining bench-curve bench-targets test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ predict-demo: $(STAMP) ## sample the held-out requests with the newest demo chec
 
 replicate-mutual: $(STAMP) ## joint vs single-task training on the synthetic world, 4 settings × 3 seeds (~1 h) → docs/RESULTS.md
 	$(BIN)/python bench/replicate_mutual.py
+
+bench-pretraining: $(STAMP) ## the demo's fine-tuning from none, some or all of the pretrained components (~40 min) → docs/RESULTS.md
+	$(BIN)/python bench/pretraining_gain.py
 
 bench-curve: $(STAMP) ## the demo's held-out scene accuracy against wall time, 30 minutes
 	$(BIN)/python bench/learning_curve.py --minutes 30 --every 700

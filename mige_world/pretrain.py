@@ -362,7 +362,9 @@ def stage_bridge(mige: MIGEConfig, root: Path, out: Path, t5_dir: Path, args) ->
     return {"partial": partial, "measure": module.measure}
 
 
-def stage_dit(mige: MIGEConfig, model_cfg: dict, root: Path, out: Path, t5_dir: Path, args) -> dict:
+def stage_dit(
+    mige: MIGEConfig, model_cfg: dict, root: Path, out: Path, t5_dir: Path, bridge_dir: Path, args
+) -> dict:
     transforms = Transforms(mige.resolution, mige.vision_resolution, mige.vision_mean, mige.vision_std)
     train = training_scenes(root)
     check_unseen(train, heldout_scene_keys(root))
@@ -380,6 +382,12 @@ def stage_dit(mige: MIGEConfig, model_cfg: dict, root: Path, out: Path, t5_dir: 
         warmup_steps=args.warmup,
         p_uncond=args.dit_p_uncond,
         seed=args.seed,
+        repa_encoder=str(bridge_dir) if args.dit_repa_weight > 0 else None,
+        repa_weight=args.dit_repa_weight,
+        repa_depth=args.dit_repa_depth,
+        repa_until=args.dit_repa_until,
+        vision_mean=tuple(mige.vision_mean),
+        vision_std=tuple(mige.vision_std),
     )
     print(f"[dit] {len(train)} training scenes, {len(heldout)} held-out scenes", flush=True)
     fit = trainer(
@@ -512,6 +520,12 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
             if not (paths["t5"] / RECORD).is_file():
                 raise SystemExit(f"pretrain-world: stage {stage} needs the t5 stage's {paths['t5']} first")
             settings["trained_against"] = {"t5": component_hash(paths["t5"])}
+            if stage == "dit" and args.dit_repa_weight > 0:  # aligned to the bridge's vision tower
+                if not (paths["bridge"] / RECORD).is_file():
+                    raise SystemExit(
+                        f"pretrain-world: the dit stage's alignment needs the bridge stage's {paths['bridge']} first"
+                    )
+                settings["trained_against"]["bridge"] = component_hash(paths["bridge"])
         settings = json.loads(json.dumps(settings))  # as it reads back from disk
         previous = recorded(out) if out.exists() else None
         up_to_date = previous is not None and previous.get("settings") == settings and not remade
@@ -532,7 +546,7 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
         elif stage == "bridge":
             result = stage_bridge(mige, root, out, paths["t5"], args)
         else:
-            result = stage_dit(mige, model_cfg, root, out, paths["t5"], args)
+            result = stage_dit(mige, model_cfg, root, out, paths["t5"], paths["bridge"], args)
         record = {
             "settings": settings,
             "measure": result["measure"],
@@ -596,10 +610,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="references shown alone, as a share of the other pairs",
     )
     ap.add_argument("--bridge-val-every", type=int, default=1000)
-    ap.add_argument("--dit-steps", type=int, default=6000)
+    ap.add_argument("--dit-steps", type=int, default=5200)
     ap.add_argument("--dit-batch", type=int, default=16)
     ap.add_argument("--dit-lr", type=float, default=1e-3)
     ap.add_argument("--dit-p-uncond", type=float, default=0.1, help="probability that a caption is dropped")
-    ap.add_argument("--dit-val-every", type=int, default=1500)
+    ap.add_argument("--dit-val-every", type=int, default=2600)
     ap.add_argument("--dit-precision", default="bf16-mixed", help="Lightning precision of the DiT stage")
+    ap.add_argument(
+        "--dit-repa-weight",
+        type=float,
+        default=0.5,
+        help="representation alignment (REPA) of early DiT tokens to the bridge's frozen vision tower; 0: off",
+    )
+    ap.add_argument(
+        "--dit-repa-depth", type=int, default=1, help="align the tokens after this many DiT blocks"
+    )
+    ap.add_argument(
+        "--dit-repa-until",
+        type=int,
+        default=None,
+        help="stop aligning after this many steps (default: never)",
+    )
     return ap

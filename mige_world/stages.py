@@ -41,7 +41,8 @@ from mige_lightning.diffusion import GaussianDiffusion
 from mige_lightning.models.adapter import null_caption
 from mige_lightning.models.autoencoder import PixelAutoencoder, build_autoencoder
 from mige_lightning.models.dit import build_dit
-from mige_lightning.models.loading import load_tokenizer
+from mige_lightning.models.loading import load_blip2_parts, load_tokenizer
+from mige_lightning.models.repa import RepresentationAlignment, block_output
 from mige_lightning.pipeline import initial_noise, make_scheduler
 from mige_lightning.prompt import split_placeholders
 from mige_lightning.scene_judge import judge
@@ -226,6 +227,11 @@ class TextToImagePretraining(L.LightningModule):
 
     Validation samples the held-out captions (``num_inference_steps``, DPM-Solver++, one seed per
     caption) and judges the images from their pixels: ``val/scene_acc`` / ``val/element_acc``.
+
+    ``repa_weight > 0``: representation alignment (REPA) — the tokens after ``repa_depth`` DiT blocks
+    are pulled, through a projector trained alongside, towards the frozen vision tower's per-patch
+    features (``repa_encoder``: the bridge's BLIP-2-layout checkpoint) of the clean image, for the
+    first ``repa_until`` optimiser steps (all of them when ``None``). Only the DiT is saved.
     """
 
     def __init__(
@@ -243,6 +249,12 @@ class TextToImagePretraining(L.LightningModule):
         p_uncond: float = 0.1,
         num_inference_steps: int = 20,
         seed: int = 0,
+        repa_encoder: str | None = None,
+        repa_weight: float = 0.0,
+        repa_depth: int = 1,
+        repa_until: int | None = None,
+        vision_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        vision_std: tuple[float, ...] = (0.5, 0.5, 0.5),
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -259,11 +271,36 @@ class TextToImagePretraining(L.LightningModule):
         )
         self.diffusion = GaussianDiffusion(**diffusion)
         self.register_buffer("null_condition", null_caption(null_length, d_text))
+        self.encoder = self.alignment = None
+        if repa_weight > 0:
+            if repa_encoder is None:
+                raise ValueError("repa_weight > 0 needs repa_encoder (a BLIP-2-layout checkpoint)")
+            self.encoder = (
+                load_blip2_parts(repa_encoder, key="repa_encoder").vision.requires_grad_(False).eval()
+            )
+            self.alignment = RepresentationAlignment(self.dit.inner_dim, self.encoder.config.hidden_size)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.t5.eval()
+        if self.encoder is not None:
+            self.encoder.eval()
         return self
+
+    @torch.no_grad()
+    def encoder_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean images in [-1, 1] → the frozen vision tower's patch features [B, N, E] (no CLS)."""
+        size = self.encoder.config.image_size
+        x = (pixels.float() + 1) / 2
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor(self.hparams.vision_mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.hparams.vision_std, device=x.device).view(1, 3, 1, 1)
+        return self.encoder(pixel_values=(x - mean) / std).last_hidden_state[:, 1:]
+
+    def aligning(self) -> bool:
+        until = self.hparams.repa_until
+        return self.alignment is not None and (until is None or self.global_step < until)
 
     def condition(self, captions: list[str], drop: torch.Tensor | None = None):
         """Captions → T5 outputs [B, T, D] and mask; dropped rows get the whole null caption."""
@@ -302,12 +339,19 @@ class TextToImagePretraining(L.LightningModule):
         t = self.diffusion.sample_timesteps(n, device=self.device)
         noise = torch.randn_like(x_start)
         x_t = self.diffusion.add_noise(x_start, noise, t)
-        losses = self.diffusion.training_losses(
-            self(x_t, t, cond, cond_mask), x_start=x_start, x_t=x_t, t=t, noise=noise
-        )
+        if not self.aligning():
+            out = self(x_t, t, cond, cond_mask)
+        else:
+            with block_output(self.dit.transformer_blocks, self.hparams.repa_depth) as captured:
+                out = self(x_t, t, cond, cond_mask)
+        losses = self.diffusion.training_losses(out, x_start=x_start, x_t=x_t, t=t, noise=noise)
         loss = losses["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/mse", losses["mse"].mean(), batch_size=n)
+        if self.aligning():
+            align = self.alignment(captured["tokens"], self.encoder_features(pixels))
+            self.log("train/repa", align, batch_size=n)
+            loss = loss + self.hparams.repa_weight * align
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
     @torch.no_grad()
@@ -358,7 +402,10 @@ class TextToImagePretraining(L.LightningModule):
         self.log("val/element_acc", self.measure["element_acc"])
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.dit.parameters(), lr=self.hparams.lr, weight_decay=0.0)
+        params = list(self.dit.parameters())
+        if self.alignment is not None:
+            params += list(self.alignment.parameters())
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
         return warmup_schedule(optimizer, self.hparams.warmup_steps)
 
 

@@ -197,6 +197,17 @@ def test_stages_are_deterministic_and_load_into_mige(small_world, tmp_path):
     stamp = (tmp_path / "a" / "dit" / "pretraining.json").stat().st_mtime_ns
     run_pretrain_world(tmp_path, small_world, "a")
     assert (tmp_path / "a" / "dit" / "pretraining.json").stat().st_mtime_ns == stamp
+    # the DiT, aligned to the bridge's vision tower (the default), is recorded against that bridge;
+    # without the alignment it is made again, and recorded against the T5 alone
+    from mige_world.pretrain import component_hash
+
+    record = json.loads((tmp_path / "a" / "dit" / "pretraining.json").read_text())
+    assert record["settings"]["trained_against"]["bridge"] == component_hash(tmp_path / "a" / "bridge")
+    assert record["settings"]["recipe"]["dit_repa_weight"] > 0
+    run_pretrain_world(tmp_path, small_world, "a", "--dit-repa-weight=0")
+    record = json.loads((tmp_path / "a" / "dit" / "pretraining.json").read_text())
+    assert (tmp_path / "a" / "dit" / "pretraining.json").stat().st_mtime_ns != stamp
+    assert set(record["settings"]["trained_against"]) == {"t5"}
 
     parts = tmp_path / "a"
     config = get_config(
@@ -227,6 +238,55 @@ def test_stages_are_deterministic_and_load_into_mige(small_world, tmp_path):
         want = plain(x, **kwargs, **extra).sample
         got = model.dit(torch.cat([x, torch.zeros_like(x)], 1), **kwargs, **extra).sample
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dit_stage_alignment_trains_early_blocks_towards_the_frozen_tower():
+    """The text-to-image stage with representation alignment on (the shipped T5 and bridge as the
+    frozen text encoder and vision tower): the tower's patch features of the clean image are the
+    targets (8×8 patches, CLS dropped), a few optimiser steps lower the alignment loss, only the
+    projector and the blocks up to the aligned one receive its gradient, and the tower stays frozen."""
+    from mige_lightning.models import get_config
+    from mige_lightning.models.repa import block_output
+    from mige_world.stages import TextToImagePretraining
+
+    config = get_config("tiny", {"resolution": 32, "vae": {"kind": "pixel"}})
+    torch.manual_seed(0)
+    module = TextToImagePretraining(
+        t5=str(SHIPPED / "t5"),
+        tokenizer="words",
+        dit={"patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2},
+        vae={"kind": "pixel"},
+        resolution=32,
+        diffusion={"num_train_timesteps": 1000, "prediction_type": "sample"},
+        null_length=8,
+        warmup_steps=1,
+        repa_encoder=str(SHIPPED / "bridge"),
+        repa_weight=0.5,
+        repa_depth=1,
+        vision_mean=tuple(config.vision_mean),
+        vision_std=tuple(config.vision_std),
+    ).train()
+    assert module.encoder.training is False
+    pixels = torch.rand(4, 3, 32, 32) * 2 - 1
+    targets = module.encoder_features(pixels)
+    assert targets.shape == (4, 64, module.encoder.config.hidden_size)
+    x_t = torch.randn(4, 3, 32, 32)
+    cond, mask = torch.randn(4, 5, module.t5.config.d_model), torch.ones(4, 5, dtype=torch.long)
+    t = torch.tensor([10, 300, 600, 900])
+    optimizer = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(30):
+        with block_output(module.dit.transformer_blocks, 1) as captured:
+            module(x_t, t, cond, mask)
+        loss = module.alignment(captured["tokens"], targets)
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        later = [p.grad for p in module.dit.transformer_blocks[1].parameters()]
+        assert all(g is None or not g.any() for g in later)
+        assert all(p.grad is None for p in module.encoder.parameters())
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_fit_refuses_components_of_another_world(tmp_path):
