@@ -521,11 +521,12 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
                 raise SystemExit(f"pretrain-world: stage {stage} needs the t5 stage's {paths['t5']} first")
             settings["trained_against"] = {"t5": component_hash(paths["t5"])}
             if stage == "dit" and args.dit_repa_weight > 0:  # aligned to the bridge's vision tower
-                if not (paths["bridge"] / RECORD).is_file():
+                if (paths["bridge"] / RECORD).is_file():
+                    settings["trained_against"]["bridge"] = component_hash(paths["bridge"])
+                elif stage in stages:
                     raise SystemExit(
                         f"pretrain-world: the dit stage's alignment needs the bridge stage's {paths['bridge']} first"
                     )
-                settings["trained_against"]["bridge"] = component_hash(paths["bridge"])
         settings = json.loads(json.dumps(settings))  # as it reads back from disk
         previous = recorded(out) if out.exists() else None
         up_to_date = previous is not None and previous.get("settings") == settings and not remade
