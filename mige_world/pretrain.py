@@ -4,7 +4,8 @@ pretrained components, where the config's ``model.pretrained`` points.
     t5      the text encoder (Flan-T5's place)            → model.pretrained.t5
     bridge  vision tower + queries + Q-Former + projection → model.pretrained.blip2 (BLIP-2's layout)
     dit     the text-to-image DiT, no source channels      → model.pretrained.dit, and the null caption
-                                                             it was trained with → model.pretrained.null_embedding
+                                                             it was trained with → model.pretrained.null_embedding;
+            its early tokens aligned (REPA) to the bridge's frozen vision tower (--dit-repa-weight 0: off)
 
 Takes ``fit``'s config (any number of ``--config`` files and ``--section.key=value`` overrides): the
 components' shapes come from ``model.preset`` / ``model.overrides``, the diffusion settings from
