@@ -17,6 +17,7 @@ read back from the bridged T5 outputs; scenes drawn from held-out captions and j
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -339,15 +340,18 @@ class TextToImagePretraining(L.LightningModule):
         t = self.diffusion.sample_timesteps(n, device=self.device)
         noise = torch.randn_like(x_start)
         x_t = self.diffusion.add_noise(x_start, noise, t)
-        if not self.aligning():
+        aligning = self.aligning()
+        capture = (
+            block_output(self.dit.transformer_blocks, self.hparams.repa_depth)
+            if aligning
+            else nullcontext({})
+        )
+        with capture as captured:
             out = self(x_t, t, cond, cond_mask)
-        else:
-            with block_output(self.dit.transformer_blocks, self.hparams.repa_depth) as captured:
-                out = self(x_t, t, cond, cond_mask)
         losses = self.diffusion.training_losses(out, x_start=x_start, x_t=x_t, t=t, noise=noise)
         loss = losses["loss"].mean()
         self.log("train/mse", losses["mse"].mean(), batch_size=n)
-        if self.aligning():
+        if aligning:
             align = self.alignment(captured["tokens"], self.encoder_features(pixels))
             self.log("train/repa", align, batch_size=n)
             loss = loss + self.hparams.repa_weight * align
