@@ -15,6 +15,8 @@ disagree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 
 
@@ -26,12 +28,20 @@ class MIGEDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_images: int | None = None
         self.vae_identity: str | None = None
+        self.check_instructions: Callable | None = None
 
     def connect(
-        self, *, max_images: int | None = None, vae_identity: str | None = None, **image_settings
+        self,
+        *,
+        max_images: int | None = None,
+        vae_identity: str | None = None,
+        check_instructions: Callable | None = None,
+        **image_settings,
     ) -> None:
         """Late-bind the model's settings (litgpt-style): the module passes them all (``resolution``,
         ``vision_resolution``, ``vision_mean``, ``vision_std`` too); this base keeps the reference
-        limit and the VAE identity, the training data module also the image settings."""
+        limit, the VAE identity and ``check_instructions`` (tasks, instructions, image counts → what
+        of each instruction the model would not see), the training data module also the image settings."""
         self.max_images = max_images
         self.vae_identity = vae_identity
+        self.check_instructions = check_instructions

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import MIGEDataModule
 from datamodules.records import ManifestError
-from mige_lightning.images import load_rgb, to_rgb
+from mige_lightning.images import decode_rgb, load_rgb
 from mige_lightning.prompt import Task
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,9 @@ class EvalItem:
 
 
 def open_image(ref: ImageRef) -> PIL.Image.Image:
-    if isinstance(ref, bytes):
+    if isinstance(ref, bytes):  # the same checks and EXIF orientation as a file
         with PIL.Image.open(io.BytesIO(ref)) as img:
-            img.load()
-            return to_rgb(img)
+            return decode_rgb(img, f"<{len(ref)} encoded bytes>")
     return load_rgb(ref)
 
 
@@ -422,7 +421,8 @@ class BenchmarkDataModule(MIGEDataModule):
     Args:
         benchmark: ``{name: emu_edit | magicbrush | dreambench | migebench | synthetic, root: …,
             **reader options}``, e.g. ``{name: magicbrush, root: /data/MagicBrush/test, reference:
-            target, turns: single}``.
+            target, turns: single}``. A later config file's spec is merged into the earlier one
+            while it names the same benchmark; one naming another replaces it whole (logged).
         batch_size: items per batch.
         num_workers: processes decoding the benchmark images.
     """

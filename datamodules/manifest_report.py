@@ -31,6 +31,7 @@ from datamodules.records import (
     parse_record,
 )
 from datamodules.validation import check_records
+from mige_lightning.images import not_a_regular_file, upright_size
 
 _PLACEHOLDER_ANY_CASE = re.compile(r"<imagehere>", flags=re.IGNORECASE)
 
@@ -38,7 +39,7 @@ _PLACEHOLDER_ANY_CASE = re.compile(r"<imagehere>", flags=re.IGNORECASE)
 def _size(path: Path) -> tuple[int, int] | None:
     try:
         with PIL.Image.open(path) as img:
-            return img.size
+            return upright_size(img)  # as shown: a phone photo stored sideways has its EXIF orientation
     except (OSError, ValueError, PIL.Image.DecompressionBombError):
         return None
 
@@ -59,10 +60,10 @@ def inspect_manifest(
         "base": str(base_dir),
         "declared_task": task if subtask is None else f"{task}/{subtask}",
     }
-    if not path.is_file():
-        summary.update(
-            records=0, problems={"missing manifest": 1}, problem_lines=[f"{path}:0: does not exist"]
-        )
+    why = not_a_regular_file(path)  # a FIFO is never opened: reading it would block
+    if why is not None:
+        kind = "missing manifest" if why.startswith("does not exist") else "manifest not a regular file"
+        summary.update(records=0, problems={kind: 1}, problem_lines=[f"{path}:0: {why}"])
         return summary
     entries, problems = entries_of(path)
     per_task: dict[str, dict[str, Any]] = defaultdict(lambda: {"records": 0, "refs_per_record": Counter()})

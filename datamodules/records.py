@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mige_lightning.images import not_a_regular_file
 from mige_lightning.prompt import (
     PLACEHOLDER,
     Task,
@@ -67,8 +68,45 @@ class Record:
         return (self.target, *self.references, *((self.source,) if self.source else ()))
 
 
+# where deeply nested JSON is reported from: a record needs 3 levels; Python's JSON reader gives up
+# (RecursionError) near the interpreter's recursion limit, about 1,000
+JSON_DEPTH_REPORTED = 100
+_JSON_NESTING = re.compile(r'\\.|["\[\]{}]')  # an escape pair, a quote, a bracket
+
+
+def nesting_beyond(text: str, limit: int = JSON_DEPTH_REPORTED) -> tuple[int, int] | None:
+    """(line, column) where JSON ``text`` first nests deeper than ``limit`` levels, or None.
+    Brackets inside strings do not count; one pass, stopping there."""
+    depth, in_string = 0, False
+    for m in _JSON_NESTING.finditer(text):
+        c = m.group()
+        if c == '"':
+            in_string = not in_string
+        elif in_string:
+            continue
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                pos = m.start()
+                return text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
+        elif c in "]}":
+            depth -= 1
+    return None
+
+
+def too_deep(text: str) -> str:
+    """What a RecursionError from ``json.loads(text)`` means, with where the nesting gets absurd."""
+    at = nesting_beyond(text)
+    where = f" from line {at[0]}, column {at[1]}" if at else ""
+    return (
+        f"nested deeper than Python's JSON reader can follow (more than {JSON_DEPTH_REPORTED} levels"
+        f"{where}; a record needs 3)"
+    )
+
+
 def entries_of(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
-    """(line, object) pairs from a JSON list or a JSONL file, plus the lines that failed to parse."""
+    """(line, object) pairs from a JSON list or a JSONL file, plus the lines that failed to parse.
+    Linear in the file's size (a JSON list's record lines are counted in one pass)."""
     lines = read_lines(path)
     first = next((t.lstrip() for _, t, _ in lines if t and t.strip()), "")
     undecodable = [(n, e) for n, _, e in lines if e]
@@ -79,7 +117,7 @@ def entries_of(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     if first.startswith("{") and not undecodable and sum(bool(t and t.strip()) for _, t, _ in lines) > 1:
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             whole = None  # JSON Lines: each line is parsed (and reported) on its own below
         if isinstance(whole, dict):
             return [], [
@@ -103,12 +141,25 @@ def entries_of(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
                     "file's records can be read — fix the file",
                 )
             ]
-        # the line of each top-level element, so errors in a JSON list also point at a line
+        except RecursionError:
+            at = nesting_beyond(text)
+            return [], [
+                Problem(
+                    f"{path}:{at[0] if at else 1}",
+                    "malformed manifest",
+                    f"JSON list {too_deep(text)}; none of this file's records can be read — fix the file",
+                )
+            ]
+        # the line of each top-level element, so errors in a JSON list also point at a line: the
+        # newlines are counted from the previous element on (from the start each time: quadratic)
         decoder, starts, pos = json.JSONDecoder(), [], text.index("[") + 1
+        line, counted = 1, 0
         for _ in items:
             while text[pos] in " \t\r\n,":
                 pos += 1
-            starts.append(text.count("\n", 0, pos) + 1)
+            line += text.count("\n", counted, pos)
+            counted = pos
+            starts.append(line)
             _, pos = decoder.raw_decode(text, pos)
         return list(zip(starts, items, strict=True)), []
     out, problems = [], []
@@ -122,6 +173,10 @@ def entries_of(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             problems.append(Problem(f"{path}:{lineno}", "malformed JSON", f"malformed JSON line: {e.msg}"))
+        except RecursionError:
+            problems.append(
+                Problem(f"{path}:{lineno}", "malformed JSON", f"malformed JSON line: {too_deep(line)}")
+            )
     return out, problems
 
 
@@ -182,8 +237,8 @@ def parse_record(
                 "wrong type", f"'{name}' must be a string, got {type(obj[name]).__name__} {obj[name]!r}"
             )
     task_value = obj.get("task", task)
-    if task_value is None:
-        raise bad("unknown task", "no 'task' field and no task given for this manifest in the data config")
+    if task_value is None:  # the authors' files have none: data.manifests[i].task gives it
+        raise bad("missing task", "no 'task' field and no task given for this manifest in the data config")
     try:
         parsed_task = Task.parse(task_value)
     except ValueError as e:
@@ -307,8 +362,11 @@ def read_manifest(
     the manifest's own folder."""
     path = Path(path)
     base_dir = Path(base).expanduser() if base is not None else path.parent
-    if not path.is_file():
-        return [], [Problem(f"{path}:0", "missing manifest", "manifest file does not exist")]
+    why = not_a_regular_file(path)  # a FIFO is never opened: reading it would block
+    if why is not None and why.startswith("does not exist"):
+        return [], [Problem(f"{path}:0", "missing manifest", f"manifest file {why}")]
+    if why is not None:
+        return [], [Problem(f"{path}:0", "manifest not a regular file", f"the manifest {why}")]
     entries, problems = entries_of(path)
     records = []
     for number, (line, obj) in enumerate(entries, start=1):

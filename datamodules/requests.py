@@ -2,25 +2,29 @@
 
 Fields: ``id``, ``task``, ``instruction`` (with ``<imagehere>`` placeholders), ``images`` (paths
 filling them, in order), ``source`` (path; edit / subject_edit), and optionally ``seed``,
-``guidance_scale``, ``image_guidance_scale``, ``num_inference_steps``, ``resize_to_source``.
+``guidance_scale``, ``image_guidance_scale``, ``num_inference_steps``, ``resize_to_source``, and
+``target`` (the expected image, read by judges, not by ``predict``); any other field is a bad
+request (a misspelled option would otherwise run at its default). A request's shape follows its
+task as a training record's does: an edit shows exactly its source, a subject request has none.
 Relative paths resolve against the request file's folder. A bad request is reported with its
 line and skipped; the others still run. ``RequestDataModule`` serves them to ``predict``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import MIGEDataModule
-from datamodules.records import ManifestError, Problem, read_lines
-from mige_lightning.images import load_rgb
+from datamodules.records import ManifestError, Problem, read_lines, shape_mismatch, too_deep
+from mige_lightning.images import ImageRefusedError, load_rgb, not_a_regular_file
 from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
 
 log = logging.getLogger(__name__)
@@ -74,14 +78,43 @@ class Request:
     origin: str
     index: int  # position among the file's good requests: the default seed offset
     options: tuple[tuple[str, Any], ...] = ()  # seed / scales / steps / resize_to_source, when given
+    warnings: tuple[str, ...] = ()  # what of the instruction the model will not see (unseen_text: warn)
 
     def option(self, name: str, default=None):
         return dict(self.options).get(name, default)
 
 
+# every field a request may hold; ``target`` (the expected image) is carried for judges, not used
+REQUEST_FIELDS = (
+    "id",
+    "task",
+    "instruction",
+    "images",
+    "source",
+    "target",
+    *OPTIONAL_NUMBERS,
+    "resize_to_source",
+)
+
+
+def _unknown_fields(obj: dict) -> str | None:
+    """A misspelled or unknown field is refused (``"guidance": 7.5`` would otherwise run at the default)."""
+    unknown = [k for k in obj if k not in REQUEST_FIELDS]
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), REQUEST_FIELDS, n=1, cutoff=0.5)
+        close = close or [f for f in REQUEST_FIELDS if str(key) and f.startswith(str(key))][:1]
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown field(s) {', '.join(hints)}; a request's fields are {', '.join(REQUEST_FIELDS)}"
+
+
 def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
     if not isinstance(obj, dict):
         return {}, f"expected a JSON object, got {type(obj).__name__}"
+    if (unknown := _unknown_fields(obj)) is not None:
+        return {}, unknown
     if not obj.get("instruction"):
         return {}, "missing field 'instruction'"
     if not isinstance(obj["instruction"], str):
@@ -106,11 +139,26 @@ def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
     source = base / obj["source"] if obj.get("source") else None
     if task.uses_source and source is None:
         return {}, f"task '{task.value}' needs a 'source'"
+    # the same shape rules as a training record's (an edit shows exactly its source, a subject none)
+    mismatch = shape_mismatch(
+        task,
+        None,
+        entities=[str(p.resolve()) for p in images],
+        sources=[str(source.resolve())] if source else [],
+        instruction=obj["instruction"],
+    )
+    if mismatch is not None:
+        return {}, mismatch.replace("record", "request")
     for path in (*images, *((source,) if source else ())):
-        if not path.is_file():
-            return {}, f"missing image {path}"
+        why = not_a_regular_file(path)  # a FIFO is never opened: reading it would block
+        if why is not None and why.startswith("does not exist"):
+            return {}, f"missing image {path}{why.removeprefix('does not exist')}"
+        if why is not None:
+            return {}, f"{path} {why}"
         try:
             load_rgb(path)
+        except ImageRefusedError as e:  # too large, extreme aspect ratio, several frames
+            return {}, str(e)
         except Exception as e:  # noqa: BLE001 — reported with the line, never swallowed
             return {}, f"unreadable image {path}: {type(e).__name__}: {e}"
     options = {}
@@ -136,8 +184,11 @@ def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
 
 def read_requests(path: str | Path) -> tuple[list[Request], list[Problem]]:
     path = Path(path)
-    if not path.is_file():
-        return [], [Problem(f"{path}:0", "missing file", "request file does not exist")]
+    why = not_a_regular_file(path)  # a FIFO is never opened: reading it would block
+    if why is not None and why.startswith("does not exist"):
+        return [], [Problem(f"{path}:0", "missing file", f"request file {why}")]
+    if why is not None:
+        return [], [Problem(f"{path}:0", "not a regular file", f"the request file {why}")]
     requests, problems, ids = [], [], set()
     for lineno, line, undecodable in read_lines(path):
         origin = f"{path}:{lineno}"
@@ -150,6 +201,9 @@ def read_requests(path: str | Path) -> tuple[list[Request], list[Problem]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(Problem(origin, "malformed JSON", f"malformed JSON line: {e.msg}"))
+            continue
+        except RecursionError:
+            problems.append(Problem(origin, "malformed JSON", f"malformed JSON line: {too_deep(line)}"))
             continue
         fields, error = _parse(obj, origin=origin, base=path.parent)
         rid = None
@@ -184,6 +238,7 @@ class RequestDataset(Dataset):
             "source": str(r.source) if r.source else None,
             "origin": r.origin,
             "index": r.index,
+            **({"warnings": list(r.warnings)} if r.warnings else {}),
             **dict(r.options),
         }
         return {
@@ -205,12 +260,44 @@ class RequestDataModule(MIGEDataModule):
             with more references than the model takes (``connect``'s reference limit).
         batch_size: requests per batch (requests that share settings are sampled together).
         num_workers: processes decoding the request images.
+        unseen_text: what to do with a request whose instruction the model would not see whole
+            (words past the prompt's 88-word limit, tokens past the encoder's ``max_length``, words
+            the tokenizer reads as unknown): ``error`` (default) makes it a bad request, reported with
+            its line and skipped; ``warn`` runs it, with a warning and a ``warnings`` entry in
+            ``predictions.jsonl`` naming what was not seen.
     """
 
-    def __init__(self, requests: str, *, batch_size: int = 4, num_workers: int = 0):
+    def __init__(
+        self, requests: str, *, batch_size: int = 4, num_workers: int = 0, unseen_text: str = "error"
+    ):
         super().__init__(num_workers=num_workers)
+        if unseen_text not in ("error", "warn"):
+            raise ValueError(f"data.unseen_text: {unseen_text!r}; choose 'error' or 'warn'")
         self.requests = requests
         self.batch_size = batch_size
+        self.unseen_text = unseen_text
+
+    def _check_text(self, requests: list[Request]) -> tuple[list[Request], list[Problem]]:
+        """Requests whose instruction the model sees whole; the others are bad requests (or, with
+        ``unseen_text: warn``, kept with their warnings)."""
+        if self.check_instructions is None or not requests:
+            return requests, []
+        unseen = self.check_instructions(
+            [r.task.value for r in requests],
+            [r.instruction for r in requests],
+            [len(r.images) for r in requests],
+        )
+        kept, problems = [], []
+        for r, u in zip(requests, unseen, strict=True):
+            if not u.messages:
+                kept.append(r)
+            elif self.unseen_text == "error":
+                detail = "; ".join(u.messages) + " (data.init_args.unseen_text: warn runs it anyway)"
+                problems.append(Problem(r.origin, "instruction not seen whole", detail))
+            else:
+                log.warning("request %s (%s): %s", r.origin, r.id, "; ".join(u.messages))
+                kept.append(replace(r, warnings=tuple(u.messages)))
+        return kept, problems
 
     def predict_dataloader(self) -> DataLoader:
         requests, problems = read_requests(self.requests)
@@ -225,6 +312,8 @@ class RequestDataModule(MIGEDataModule):
                 for r in too_many
             ]
             requests = [r for r in requests if len(r.images) <= self.max_images]
+        requests, unseen = self._check_text(requests)
+        problems += unseen
         for p in problems:
             log.error("skipping request %s", p)
         if problems:

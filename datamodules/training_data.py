@@ -8,7 +8,7 @@ The model late-binds its image sizes, reference limit and VAE identity through `
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +77,18 @@ class TrainingDataModule(MIGEDataModule):
         paths resolve against (e.g. the dataset root, as the authors' files are written), default
         the manifest's own folder; images must stay inside it (or inside ``root`` when given).
     synthetic: ``{root: data/demo, num_samples: 320, size: 32, seed: 0}`` — generate the synthetic
-        world on first use and train on its ``train`` split.
+        world on first use and train on its ``train`` split. A later config file's ``synthetic`` is
+        merged into the earlier one key by key (logged: ``mige_cli/config_overlays.py``).
     root: data root every image path must stay inside; default: each manifest's ``base``.
     task_weights: sampling weight per pool (``subject``, ``edit``, ``subject_edit/add``,
-        ``subject_edit/replace``; ``subject_edit`` for records without a subtask).
+        ``subject_edit/replace``; ``subject_edit`` for records without a subtask). A distribution,
+        given whole: a later config file's weights replace the earlier ones, and a warning names the
+        pools they leave out (give those weight 0 to leave them out on purpose).
     samples_per_epoch: per rank; default: all records / world size.
     seed: the sampler's seed (the stream is a function of seed, epoch and rank).
     on_bad_record: ``error`` (one report of every bad record) or ``skip`` (drop, log counts).
-    check_images: decode every image during validation (catches truncated files up front).
+    check_images: decode every image during validation (catches truncated files up front); false
+        skips the decode only: every image must still be a regular file (missing ones are bad records).
     latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
     val_manifests: held-out records for Lightning's validation loop (sampled in the module's
         ``validation_step``, scored by ``callbacks.validation_metrics.ValidationMetrics``); with
@@ -209,7 +213,30 @@ class TrainingDataModule(MIGEDataModule):
         try:
             check_pool_weights(sizes, self.task_weights, world)
         except ValueError as e:
-            raise ManifestError(f"{e} (pools found: {dict(sizes)})") from None
+            raise ManifestError(f"{e} (pools found: {dict(sizes)}){self._unpooled()}") from None
+
+    def _unpooled(self) -> str:
+        """The records that reached no pool because they are bad, for the pool check's message:
+        those without a task first (the authors' files have no ``task`` field: the manifest's
+        ``task`` in ``data.manifests`` gives it; nothing guesses it)."""
+        no_task = [p for p in self._parse_problems if p.kind == "missing task"]
+        others = Counter(p.kind for p in self._parse_problems if p.kind != "missing task")
+        parts = []
+        if no_task:
+            specs = [
+                f"data.manifests[{i}].task"
+                for i, spec in enumerate(self.manifests)
+                if any(p.origin.startswith(f"{Path(spec['path'])}:") for p in no_task)
+            ]
+            parts.append(
+                f"{len(no_task)} record(s) have no 'task' field and no task in data.manifests, e.g. "
+                f"{', '.join(p.origin for p in no_task[:3])}: give {' / '.join(specs) or 'the manifest its task'} "
+                "(`inspect-manifest` shows each record's task by its shape)"
+            )
+        if others:
+            kinds = ", ".join(f"{kind}: {n}" for kind, n in others.most_common())
+            parts.append(f"{sum(others.values())} other bad record(s) ({kinds})")
+        return "".join(f"; {part}" for part in parts)
 
     def validated_records(self) -> list[Record]:
         """Every record checked once (paths, reference count, images); bad ones reported or skipped."""

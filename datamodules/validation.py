@@ -15,26 +15,32 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from datamodules.records import ManifestError, Problem, Record
-from mige_lightning.images import ImageTooLargeError, load_rgb
+from mige_lightning.images import ImageRefusedError, load_rgb, not_a_regular_file
 
 log = logging.getLogger(__name__)
 ON_BAD_RECORD = ("error", "skip")
 
 
+def _file_error(path: Path) -> tuple[str, str] | None:
+    """A missing path, or one that is not a regular file (a directory, a FIFO — never opened)."""
+    why = not_a_regular_file(path)
+    if why is None:
+        return None
+    if why.startswith("does not exist"):
+        return "missing file", f"missing file {path}{why.removeprefix('does not exist')}"
+    return "not a regular file", f"{path} {why}"
+
+
 def _image_error(path: Path) -> tuple[str, str] | None:
-    if not path.is_file():
-        return "missing file", f"missing file {path}"
+    if (error := _file_error(path)) is not None:
+        return error
     try:
         load_rgb(path)
-    except ImageTooLargeError as e:
-        return "image too large", str(e)
+    except ImageRefusedError as e:  # too large, extreme aspect ratio, several frames: from the header
+        return e.kind, str(e)
     except Exception as e:  # noqa: BLE001 — any decoder failure is reported, with the file, never swallowed
         return "unreadable image", f"unreadable or truncated image {path}: {type(e).__name__}: {e}"
     return None
-
-
-def _escapes(path: Path, root: Path) -> bool:
-    return not path.resolve().is_relative_to(root.resolve())
 
 
 def check_records(
@@ -45,13 +51,22 @@ def check_records(
     check_images: bool = True,
     workers: int | None = None,
 ) -> tuple[list[Record], list[Problem]]:
-    """Split records into good ones and problems (paths, reference count, decodable images)."""
+    """Split records into good ones and problems (paths, reference count, decodable images).
+    ``check_images: False`` skips the decoding only: every image must still be a regular file."""
     records = list(records)
     problems: dict[str, Problem] = {}
     first: dict[tuple, str] = {}
+    resolved: dict[Path, Path] = {}  # each path resolved once (records share images; resolve stats)
+
+    def resolve(path: Path) -> Path:
+        if path not in resolved:
+            resolved[path] = path.resolve()
+        return resolved[path]
+
+    real_root = root.resolve()
     for rec in records:
-        key = (rec.task, rec.subtask, rec.target.resolve(), rec.instruction, tuple(p.resolve() for p in rec.references),
-               rec.source.resolve() if rec.source else None)  # fmt: skip
+        key = (rec.task, rec.subtask, resolve(rec.target), rec.instruction, tuple(resolve(p) for p in rec.references),
+               resolve(rec.source) if rec.source else None)  # fmt: skip
         if key in first:  # upsample with data.task_weights, not by repeating records
             problems[rec.origin] = Problem(
                 rec.origin,
@@ -67,28 +82,30 @@ def check_records(
                 f"{len(rec.references)} reference images; the model allows {max_images}",
             )
             continue
-        outside = [p for p in rec.images if _escapes(p, root)]
+        outside = [p for p in rec.images if not resolve(p).is_relative_to(real_root)]
         if outside:
             problems[rec.origin] = Problem(
                 rec.origin, "path escapes data root", f"path {outside[0]} escapes the data root {root}"
             )
-    if check_images:
-        unique = sorted({p for rec in records if rec.origin not in problems for p in rec.images})
-        with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
-            errors = dict(zip(unique, pool.map(_image_error, unique), strict=True))
-        for rec in records:
-            if rec.origin in problems:
-                continue
-            for p in rec.images:
-                if errors[p] is not None:
-                    kind, detail = errors[p]
-                    problems[rec.origin] = Problem(rec.origin, kind, detail)
-                    break
+    # the decode is optional; that every image is a regular file is not (a run would otherwise
+    # stop mid-epoch on a bare FileNotFoundError)
+    unique = sorted({p for rec in records if rec.origin not in problems for p in rec.images})
+    check = _image_error if check_images else _file_error
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
+        errors = dict(zip(unique, pool.map(check, unique), strict=True))
+    for rec in records:
+        if rec.origin in problems:
+            continue
+        for p in rec.images:
+            if errors[p] is not None:
+                kind, detail = errors[p]
+                problems[rec.origin] = Problem(rec.origin, kind, detail)
+                break
     good = [rec for rec in records if rec.origin not in problems]
     return good, list(problems.values())
 
 
-FILE_PROBLEMS = ("missing manifest", "malformed manifest")
+FILE_PROBLEMS = ("missing manifest", "manifest not a regular file", "malformed manifest")
 
 
 def resolve_problems(records: list[Record], problems: list[Problem], *, on_bad_record: str) -> list[Record]:

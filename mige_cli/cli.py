@@ -22,10 +22,13 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_registry import _is_registry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from callbacks.slurm_requeue import PreemptionCheckpoint
 from datamodules.base import MIGEDataModule
+from mige_cli import config_overlays, resume
+from mige_cli.save_config import SaveRunConfig
 from mige_cli.slurm import (
     logger_init_args,
     logger_run_root,
@@ -34,6 +37,7 @@ from mige_cli.slurm import (
     use_job_run_dir,
     version_folder,
 )
+from mige_lightning.checkpoint_files import check_lightning_checkpoint, use_atomic_checkpoint_io
 from mige_lightning.module import MIGELightningModule
 
 TRAINER_DEFAULTS = {
@@ -89,9 +93,23 @@ def refuse_taken_version(fit_config) -> None:
     """A new ``fit`` (no ``--ckpt_path``) given an explicit logger version whose folder already
     holds a run would mix its events and checkpoints into that run's: refuse it."""
     args = logger_init_args(fit_config["trainer"])
-    if args is None or args.get("version") is None or fit_config.get("ckpt_path"):
+    if args is None:
         return
-    folder = logger_run_root(args) / version_folder(args.version)
+    run = logger_run_root(args)
+    for entry in (run.parent, run):  # TensorBoard's save_dir and the run's folder must be folders
+        if entry.exists() and not entry.is_dir():
+            raise NotADirectoryError(f"{entry} is a file, where the logger keeps the run's folders")
+    if args.get("version") is None and run.is_dir():  # the logger numbers folders, skipping files
+        if stray := sorted(p.name for p in run.glob("version_*") if not p.is_dir()):
+            raise NotADirectoryError(
+                f"{run} holds file(s) named like run versions ({', '.join(stray[:5])}); the logger's next "
+                "version folder could collide with them: move them or set the logger's version"
+            )
+    if args.get("version") is None or fit_config.get("ckpt_path"):
+        return
+    folder = run / version_folder(args.version)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, where logger version {args.version!r} would write")
     if folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(
             f"{folder} already holds a run (logger version {args.version!r}): resume it with "
@@ -133,6 +151,9 @@ class MIGECLI(LightningCLI):
         if self.config[sub]["ckpt_path"] == "last":  # Lightning looks only in the new run's folder
             self.config[sub]["ckpt_path"] = str(last_checkpoint_of_run(self.config[sub]["trainer"]))
             rank_zero_info(f"--ckpt_path last: {self.config[sub]['ckpt_path']}")
+        ckpt_path = self.config[sub]["ckpt_path"]
+        if ckpt_path not in ("best", "hpc") and not _is_registry(ckpt_path):  # Lightning resolves those
+            check_lightning_checkpoint(ckpt_path)  # a file / folder it can read, before any build
         defaults = {
             name: p.default for name, p in inspect.signature(MIGELightningModule.__init__).parameters.items()
         }
@@ -140,11 +161,28 @@ class MIGECLI(LightningCLI):
         given = {
             k: model[k] for k in RUNTIME_OPTIONS if k in model and _plain(model[k]) != _plain(defaults[k])
         }
+        given_config = _plain(model)  # fit: compared with the checkpoint's below
         super()._parse_ckpt_path()  # the checkpoint's hyper-parameters: its architecture and recipe
         for key, value in given.items():
             self.config[sub]["model"][key] = value
+        if sub == "fit":  # a resumed run continues the checkpoint's (mige_cli/resume.py)
+            resume.check_resume(self.config[sub], given_config, getattr(self, "given_model_keys", set()))
+
+    def parse_arguments(self, parser, args) -> None:
+        # the model options named in config files / on the command line (a resume compares them)
+        argv = sys.argv[1:] if args is None else args
+        self.given_model_keys = resume.given_model_keys(argv) if isinstance(argv, (list, tuple)) else set()
+        super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer.strategy)  # a failed write never replaces a good checkpoint
+        return trainer
 
     def add_arguments_to_parser(self, parser) -> None:
+        # a dict option in a later config file merges into / replaces the earlier one, per option
+        # and logged (mige_cli/config_overlays.py)
+        config_overlays.install(parser)
         # parser defaults (not Trainer defaults): a config's own logger / callbacks replace them
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
         # a config whose data section has no class_path (fit's): the training data module
@@ -205,4 +243,12 @@ CLI_CLASSES = {
 
 def run_cli(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
     """LightningCLI over the module and the data modules (``fit`` / ``validate`` / ``test`` / ``predict``)."""
-    return MIGECLI(**CLI_CLASSES, save_config_kwargs={"overwrite": True}, args=args, run=run)
+    # config.yaml: in the run's folder (the logger's, predict's / test's output_dir), never the
+    # current directory (mige_cli/save_config.py)
+    return MIGECLI(
+        **CLI_CLASSES,
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )

@@ -1,15 +1,17 @@
 """``python -m mige_lightning export``: a training checkpoint → one ``safetensors`` file + config.
 
     python -m mige_lightning export --config configs/mige_xl.yaml --config configs/trainer/fsdp.yaml \\
-        --ckpt_path runs/mige_xl/slurm_123/checkpoints/last.ckpt --output exports/mige_xl [--weights ema]
+        --ckpt_path runs/mige_xl/slurm_123/checkpoints/last.ckpt --output exports/mige_xl [--weights ema] \
+        [--overwrite]
 
 The checkpoint is a sharded folder (``ModelParallelStrategy``: ``.distcp`` shards + ``meta.pt``) or
 a single ``.ckpt`` file; it is read in one process, whatever the world size that wrote it. The
 config describes the model, as for ``fit`` (a checkpoint of another architecture is an error
 naming the field). Writes ``<output>/model.safetensors`` (the module's whole state dict, full
 tensors; tied weights once) and ``<output>/config.json`` (hyper-parameters, the resolved
-``MIGEConfig``, which weights, the step). ``load_exported(<output>)`` rebuilds the module on one
-device; ``module.pipeline()`` samples from it.
+``MIGEConfig``, which weights, the step). An output folder that exists and is not empty is
+refused unless ``--overwrite``. A checkpoint holding NaN / inf weights is refused naming them.
+``load_exported(<output>)`` rebuilds the module on one device; ``module.pipeline()`` samples from it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from mige_cli.cli import CLI_CLASSES, MIGECLI
+from mige_lightning.checkpoint_files import open_safetensors, refuse_nonfinite
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY, load_checkpoint_file
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.prompt import PROMPT_VERSION
@@ -51,10 +54,16 @@ def read_checkpoint(module: MIGELightningModule, path: Path) -> tuple[dict, dict
             ema = {EMA_PREFIX + n: torch.empty_like(params[n]) for n in meta[SHARDED_EMA_KEY]}
             _load_shards(ema, path)
             ema = {n[len(EMA_PREFIX) :]: t for n, t in ema.items()}
+        refuse_nonfinite(
+            {**module.state_dict(), **{f"ema.{n}": t for n, t in (ema or {}).items()}}, str(path)
+        )
         return meta, ema
     if path.is_file():
         ckpt = load_checkpoint_file(path)
         _check_same_model(module, ckpt, path)
+        refuse_nonfinite(
+            {**ckpt["state_dict"], **{f"ema.{n}": t for n, t in (ckpt.get("ema") or {}).items()}}, str(path)
+        )
         module.load_state_dict(ckpt.pop("state_dict"))
         return ckpt, ckpt.pop("ema", None)
     raise FileNotFoundError(
@@ -90,12 +99,31 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
+def check_output(output: str | Path, *, overwrite: bool) -> None:
+    """An existing, non-empty output folder (or a file there) is refused unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output: {output} is a file, not a folder")
+    if not overwrite and output.is_dir() and any(output.iterdir()):
+        held = sorted(p.name for p in output.iterdir())
+        raise FileExistsError(
+            f"--output: {output} is not empty ({', '.join(held[:5])}{', …' if len(held) > 5 else ''}); "
+            "choose another folder, or give --overwrite to write model.safetensors and config.json into it"
+        )
+
+
 def export_checkpoint(
-    module: MIGELightningModule, ckpt_path: str | Path, output: str | Path, *, weights: str = "auto"
+    module: MIGELightningModule,
+    ckpt_path: str | Path,
+    output: str | Path,
+    *,
+    weights: str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``output/model.safetensors`` + ``output/config.json``; returns the safetensors path."""
     if weights not in WEIGHTS:
         raise ValueError(f"--weights: {weights!r}; choose one of {WEIGHTS}")
+    check_output(output, overwrite=overwrite)
     ckpt_path, output = Path(ckpt_path), Path(output)
     module.configure_model()
     meta, ema = read_checkpoint(module, ckpt_path)
@@ -133,7 +161,10 @@ def load_exported(directory: str | Path, *, device: str | torch.device = "cpu") 
         )
     module = MIGELightningModule(**config["hparams"])
     module.configure_model()
-    load_model(module, str(directory / "model.safetensors"), strict=True, device=str(device))
+    weights = directory / "model.safetensors"
+    with open_safetensors(weights):  # an unreadable file: named, with the reason
+        pass
+    load_model(module, str(weights), strict=True, device=str(device))
     return module.to(device).eval()
 
 
@@ -151,10 +182,16 @@ def export_main(argv: list[str]) -> Path:
         choices=WEIGHTS,
         help="auto: the EMA weights when the checkpoint has them",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into an --output folder that is not empty"
+    )
     args, rest = parser.parse_known_args(argv)
+    check_output(args.output, overwrite=args.overwrite)  # before the model is built
     with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = _ModelOnlyCLI(**CLI_CLASSES, args=rest, run=False)
-    target = export_checkpoint(cli.model, args.ckpt_path, args.output, weights=args.weights)
+    target = export_checkpoint(
+        cli.model, args.ckpt_path, args.output, weights=args.weights, overwrite=args.overwrite
+    )
     print(f"wrote {target} and {target.parent / 'config.json'}")
     return target

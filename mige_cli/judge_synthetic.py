@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,9 +48,16 @@ def contact_sheet(samples: list[JudgedSample], outputs: list, path: Path, *, til
 
 
 def judge_predictions(
-    world: str | Path, predictions: str | Path, output_dir: str | Path | None = None
+    world: str | Path,
+    predictions: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    allow_missing: bool = False,
 ) -> dict:
-    """Score a predict run's images against the world's truth; returns the table rows."""
+    """Score a predict run's images against the world's truth; returns the table rows. Every
+    held-out request must have its prediction: a partial run is an error naming how many and
+    which are missing, unless ``allow_missing`` (then a warning names them, and the tables say
+    how many of the held-out requests were judged)."""
     world, predictions = Path(world), Path(predictions)
     output_dir = Path(output_dir) if output_dir else predictions
     truth = load_truth(world, "heldout")
@@ -57,16 +65,33 @@ def judge_predictions(
     log = predictions / "predictions.jsonl"
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no predictions log; run `predict` first")
-    entries = []
+    entries, lines = [], {}
     for n, line in enumerate(log.read_text().splitlines(), 1):
         if not line.strip():
             continue
         entry = json.loads(line)
         if entry["id"] not in truth:
             raise KeyError(f"{log}:{n}: id {entry['id']!r} is not a held-out request of {world}")
+        if entry["id"] in lines:  # judged twice, it would count twice
+            raise ValueError(f"{log}:{n}: id {entry['id']!r} again (first on line {lines[entry['id']]})")
+        lines[entry["id"]] = n
         entries.append(entry)
     if not entries:
         raise ValueError(f"{log}: no predictions")
+    missing = [i for i in truth if i not in lines]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
+        what = (
+            f"{log}: {len(missing)} of {len(truth)} held-out requests of {world} have no prediction ({shown})"
+        )
+        if not allow_missing:
+            raise ValueError(
+                f"{what}; run predict on all of {world}/heldout_requests.jsonl, or pass --allow-missing "
+                f"to judge the {len(entries)} predicted ones only"
+            )
+        warnings.warn(
+            f"{what}: judging the {len(entries)} predicted ones only (--allow-missing)", stacklevel=2
+        )
     samples = [truth[e["id"]] for e in entries]
     outputs = [load_rgb(predictions / e["file"]) for e in entries]
     model, baseline = SceneAccuracy(size=size), SceneAccuracy(size=size)
@@ -94,11 +119,23 @@ def judge_predictions(
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (output_dir / "judge.json").write_text(json.dumps({"samples": len(rows), **table}, indent=2))
+    counts = {"samples": len(rows), "heldout": len(truth), "missing": len(missing)}
+    (output_dir / "judge.json").write_text(json.dumps({**counts, **table}, indent=2))
     text = format_table(table)
-    (output_dir / "judge.md").write_text(f"# Synthetic world, held-out ({len(rows)} requests)\n\n{text}\n")
+    (output_dir / "judge.md").write_text(f"# Synthetic world, held-out ({judged_of(counts)})\n\n{text}\n")
     contact_sheet(samples, outputs, output_dir / "contact_sheet.png")
     return table
+
+
+def judged_of(counts: dict) -> str:
+    """``120 requests`` for a whole run, ``16 of 120 held-out requests judged, 104 without a
+    prediction`` for a partial one."""
+    if not counts["missing"]:
+        return f"{counts['samples']} requests"
+    return (
+        f"{counts['samples']} of {counts['heldout']} held-out requests judged, "
+        f"{counts['missing']} without a prediction"
+    )
 
 
 @torch.no_grad()
@@ -139,8 +176,10 @@ def judge_checkpoint(
 ) -> dict:
     """``judge_module`` on a checkpoint, with its EMA weights (an error when it has none, unless
     ``ema=False``)."""
+    from mige_lightning.checkpoint_files import check_lightning_checkpoint
     from mige_lightning.module import MIGELightningModule
 
+    check_lightning_checkpoint(ckpt_path, key="ckpt_path")  # unreadable: named, with the reason
     module = MIGELightningModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     if ema and not module.use_ema_weights():
         raise ValueError(
@@ -154,9 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world", default="data/demo", help="the generated world (data.synthetic.root)")
     ap.add_argument("--predictions", default="predictions/demo", help="the predict run's output_dir")
     ap.add_argument("--output", default=None, help="where to write the tables (default: --predictions)")
+    ap.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="judge a partial predict run (default: an error when a held-out request has no prediction)",
+    )
     args = ap.parse_args(argv)
-    table = judge_predictions(args.world, args.predictions, args.output)
+    table = judge_predictions(args.world, args.predictions, args.output, allow_missing=args.allow_missing)
     out = Path(args.output or args.predictions)
+    counts = json.loads((out / "judge.json").read_text())
+    print(f"Synthetic world, held-out: {judged_of(counts)}")
     print(format_table(table))
     print(f"\nper-image verdicts: {out / 'judge.csv'}\ncontact sheet: {out / 'contact_sheet.png'}")
     return table

@@ -18,6 +18,7 @@ from pathlib import Path
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from callbacks.slurm_requeue import slurm_job_id
+from mige_lightning.checkpoint_files import UnreadableCheckpoint
 from mige_lightning.checkpoint_state import load_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -66,19 +67,29 @@ def use_job_run_dir(trainer_config) -> str | None:
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint (file, or sharded folder with ``meta.pt``) was saved at."""
     source = path / "meta.pt" if path.is_dir() else path
+    if path.is_dir() and not source.is_file():  # a sharded save cut short before its metadata
+        raise UnreadableCheckpoint(path, "a directory without meta.pt: not a sharded checkpoint folder")
     return int(load_checkpoint_file(source, mmap=not path.is_dir())["global_step"])
 
 
 def newest_checkpoint(candidates: Iterable[Path]) -> Path | None:
-    """The candidate with the highest step (ties: a pre-emption checkpoint, then the newer file)."""
-    ranked = []
+    """The candidate with the highest step (ties: a pre-emption checkpoint, then the newer file);
+    None without candidates. Unreadable ones are skipped and named in the log — but when there are
+    candidates and none can be read, the run would start over from step 0: an error naming each."""
+    ranked, unreadable = [], []
     for path in candidates:
         try:
             step = checkpoint_step(path)
         except Exception as e:  # a checkpoint cut short by the job's end: skip it, say so
             log.warning("ignoring unreadable checkpoint %s: %s", path, e)
+            unreadable.append(f"{path}: {e}" if str(path) not in str(e) else str(e))
             continue
         ranked.append(((step, path.name.startswith("hpc_ckpt_"), path.stat().st_mtime), path))
+    if not ranked and unreadable:
+        raise RuntimeError(
+            f"resume: {len(unreadable)} checkpoint(s) found but none can be read, so the run would "
+            "start over from step 0; fix or remove them, or give --ckpt_path:\n- " + "\n- ".join(unreadable)
+        )
     return max(ranked, key=lambda r: r[0])[1] if ranked else None
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mige_lightning.checkpoint_files import CodeInCheckpoint, dtype_name, load_torch_file, nonfinite_count
 from mige_lightning.models.presets import AUTHORS_BEHAVIOUR, MIGEConfig, get_config
 from mige_lightning.models.weights import tied_names
 
@@ -138,10 +139,13 @@ def convert_state_dict(
     expected: dict[str, tuple[int, ...]],
     *,
     tied: dict[str, str] | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> Conversion:
     """Map the authors' tensors onto ours. ``expected``: our model's tensor shapes (autoencoder
-    left out); ``tied``: our names that share a tensor with an earlier name (written once).
-    Raises ``ConversionError`` listing every problem at once."""
+    left out); ``tied``: our names that share a tensor with an earlier name (written once);
+    ``dtypes``: our tensors' dtypes (an integer / bool tensor of the file for a float one of ours
+    is a problem, not a cast). A tensor of the file holding NaN / inf is a problem too (unless
+    dropped). Raises ``ConversionError`` listing every problem at once."""
     tied = tied or {}
     problems: list[str] = []
     out: dict[str, torch.Tensor] = {}
@@ -162,6 +166,12 @@ def convert_state_dict(
             if how.startswith("drop"):
                 dropped[key] = how.split(":", 1)[1]
                 continue
+            wanted = (dtypes or {}).get(ours)
+            if wanted is not None and tensor.is_floating_point() != wanted.is_floating_point:
+                kind = "float" if wanted.is_floating_point else dtype_name(wanted)
+                problems.append(
+                    f"{key} is {dtype_name(tensor.dtype)} where our {kind} tensor {ours} is expected"
+                )
             if how.startswith("qkv_bias"):
                 qkv_parts.setdefault(ours, {})[how.split(":")[1]] = tensor
                 continue
@@ -195,6 +205,13 @@ def convert_state_dict(
     missing = sorted(set(need) - set(out))
     extra = sorted(set(out) - set(need))
     shapes = sorted(k for k in set(out) & set(need) if tuple(out[k].shape) != tuple(need[k]))
+    nonfinite = [
+        f"{key} ({count})"
+        for key, tensor in source.items()
+        if key not in dropped and key not in unknown and (count := nonfinite_count(tensor))
+    ]
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} tensor(s) of the file are not finite: {', '.join(nonfinite[:8])}")
     if unknown:
         problems.append(f"{len(unknown)} tensor(s) of the file match no rule: {unknown[:8]}")
     if missing:
@@ -231,20 +248,15 @@ def read_authors_checkpoint(
     dict) and the names of its other top-level entries. Only ``weights_only`` loading: a file
     whose unpickling could run code is refused."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--input: '{path}' does not exist")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:  # a legacy (non-zip) torch.save file cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    try:  # memory-mapped; unreadable files are named with the reason (checkpoint_files)
+        obj = load_torch_file(path, mmap=True)
+    except CodeInCheckpoint as err:
         raise ConversionError(
             f"{path}: refused: reading it needs arbitrary unpickling, which can run code from the file. "
             "Only tensors, containers and plain numbers are read (weights_only=True). "
-            f"First reason given by torch: {str(err).splitlines()[0]}"
+            f"First reason given by torch: {str(err).rsplit(': ', 1)[-1]}"
         ) from None
     if not isinstance(obj, dict):
         raise ConversionError(
@@ -312,6 +324,8 @@ def model_config_yaml(
     model = {
         "preset": preset,
         "overrides": overrides,
+        # every source named (config files merge model.pretrained key by key): none of the run
+        # config's own (e.g. a null_embedding) carries over onto the converted weights
         "pretrained": {
             "t5": None,
             "blip2": None,
@@ -319,6 +333,8 @@ def model_config_yaml(
             "dit_subfolder": None,
             "tokenizer": tokenizer,
             "vae": vae,
+            "vae_subfolder": None,
+            "null_embedding": None,
         },
         "init_weights": str(weights.resolve()),
         "prompt_style": "authors_inference",
@@ -327,6 +343,8 @@ def model_config_yaml(
         f"# Written by `python -m mige_lightning convert-authors` from {source}.\n"
         "# Add after the run's own config, e.g.\n"
         "#   python -m mige_lightning predict --config configs/mige_xl.yaml --config <this file> ...\n"
+        "# Config files merge model.overrides key by key: after a config with overrides of its own,\n"
+        "# clear them first (--model.overrides=null --config <this file>).\n"
         "# The overrides make the model compute what the authors' code computes; prompt_style\n"
         "# authors_inference samples with their inference scripts' prompts (training is unaffected).\n"
     )
@@ -351,7 +369,8 @@ def convert_authors(
     )
     state, others = read_authors_checkpoint(input_path, key=key)
     model = target_model(config)
-    conversion = convert_state_dict(state, expected_shapes(model), tied=tied_names(model))
+    dtypes = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
+    conversion = convert_state_dict(state, expected_shapes(model), tied=tied_names(model), dtypes=dtypes)
     report = {
         "format": FORMAT,
         "input": str(input_path),
@@ -363,29 +382,35 @@ def convert_authors(
         "pos_embed_check": position_table_check(model, state.get("pos_embed")),
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in conversion.state.values())),
     }
+    created = not output.exists()  # every check passed: only now is anything written
     output.mkdir(parents=True, exist_ok=True)
-    weights = output / "model.safetensors"
-    # safetensors needs each tensor contiguous and not sharing memory with another
-    shared = _shared(conversion.state)
-    save_file(
-        {
-            k: v.clone() if v.untyped_storage().data_ptr() in shared else v.contiguous()
-            for k, v in conversion.state.items()
-        },
-        str(weights),
-        metadata={"format": FORMAT, "source": str(input_path)},
-    )
-    (output / "config.yaml").write_text(
-        model_config_yaml(
-            preset=preset,
-            overrides=overrides,
-            weights=weights,
-            tokenizer=tokenizer,
-            vae=vae,
-            source=input_path,
+    try:
+        weights = output / "model.safetensors"
+        # safetensors needs each tensor contiguous and not sharing memory with another
+        shared = _shared(conversion.state)
+        save_file(
+            {
+                k: v.clone() if v.untyped_storage().data_ptr() in shared else v.contiguous()
+                for k, v in conversion.state.items()
+            },
+            str(weights),
+            metadata={"format": FORMAT, "source": str(input_path)},
         )
-    )
-    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (output / "config.yaml").write_text(
+            model_config_yaml(
+                preset=preset,
+                overrides=overrides,
+                weights=weights,
+                tokenizer=tokenizer,
+                vae=vae,
+                source=input_path,
+            )
+        )
+        (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    except BaseException:  # e.g. disk full: no half-written folder left behind
+        if created:
+            shutil.rmtree(output)
+        raise
     return report
 
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mige_lightning.checkpoint_files import load_torch_file
+
 log = logging.getLogger(__name__)
 
 EMA_PREFIX = "_ema."
@@ -30,16 +31,12 @@ SHARDED_EMA_KEY = "ema_sharded"  # checkpoint key: names of the EMA weights stor
 
 
 # ----------------------------------------------------------------------------------- loading
-def load_checkpoint_file(path: str | Path, **kwargs):
+def load_checkpoint_file(path: str | Path, *, mmap: bool = False):
     """``torch.load`` with ``weights_only=True``: tensors, containers and plain values only. A file
-    that needs arbitrary unpickling (which can run code) is refused with an error naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refusing to load — it needs arbitrary unpickling, which can run code "
-            f"(not a checkpoint this project wrote?): {str(e).splitlines()[0]}"
-        ) from None
+    that needs arbitrary unpickling (which can run code) is refused with an error naming it, one
+    that cannot be read is ``<file>: not a readable checkpoint (<reason>)``
+    (``checkpoint_files.load_torch_file``)."""
+    return load_torch_file(path, mmap=mmap)
 
 
 # ------------------------------------------------------------------------------------------ RNG

@@ -15,6 +15,12 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from mige_lightning.checkpoint_files import (
+    dtype_problem,
+    named_tensors,
+    nonfinite_message,
+    nonfinite_problems,
+)
 from mige_lightning.checkpoint_state import (
     gather_rng_states,
     pack_ema,
@@ -30,7 +36,15 @@ from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
 from mige_lightning.models.weights import load_weights, weights_file
 from mige_lightning.pipeline import MIGEPipeline, check_task_defaults, make_scheduler
-from mige_lightning.prompt import PROMPT_STYLES, PROMPT_VERSION, Task, build_prompt
+from mige_lightning.prompt import (
+    PROMPT_STYLES,
+    PROMPT_VERSION,
+    Task,
+    UnseenText,
+    UnseenTextTally,
+    build_prompt,
+    words_cut,
+)
 from mige_lightning.sharding import build_sharded_mige, enable_activation_checkpointing, shard_mige
 
 log = logging.getLogger(__name__)
@@ -44,7 +58,11 @@ class MIGELightningModule(L.LightningModule):
     """Args:
     preset: ``tiny`` / ``mid`` / ``xl`` (``models/presets.py``).
     overrides: per-component constructor kwargs merged into the preset, e.g. ``{dit: {num_layers: 4}}``.
+        A later config file's ``overrides`` is merged into the earlier one key by key, nested dicts
+        too (logged); a dict typed whole on the command line replaces it (a warning names the keys
+        it drops); ``null`` first replaces without a word (``mige_cli/config_overlays.py``).
     pretrained: hub ids or local dirs per component, merged into the preset's (null = random init).
+        Across config files: merged key by key, as ``overrides``.
     lr, weight_decay, eps, betas, warmup_steps: AdamW with linear warm-up (the paper's recipe).
     lr_schedule: after the warm-up, ``constant`` (the paper's) or ``cosine`` (down to 0 at the run's
         last optimiser step, ``trainer.max_steps`` / epochs).
@@ -55,6 +73,8 @@ class MIGELightningModule(L.LightningModule):
     timestep_sampling: how training timesteps are drawn: null / ``{scheme: uniform}`` (the paper),
         ``{scheme: logit_normal, logit_mean: 1.0, logit_std: 1.0}`` (t = T·sigmoid(N(mean, std)):
         a positive mean spends more steps at high noise) or ``{scheme: mode, mode_scale: 1.29}``.
+        A later config file's spec is merged into the earlier one while it names the same (or no)
+        scheme; one naming another scheme replaces it whole (logged).
     p_drop_condition, p_drop_input, p_drop_both: condition dropout for guidance.
     gradient_checkpointing: recompute DiT / T5 / Q-Former block activations in the backward pass.
     fsdp_mixed_precision: under ``ModelParallelStrategy`` (FSDP2, ``configs/trainer/fsdp.yaml``):
@@ -63,11 +83,13 @@ class MIGELightningModule(L.LightningModule):
         ``predict`` / validation sampling.
     task_defaults: per-task sampling defaults replacing the paper's, e.g. ``{edit: {num_inference_steps:
         20, guidance_scale: 2.0, image_guidance_scale: 1.2}}`` (a request's own values still win).
+        Across config files: merged per task and key, as ``overrides``.
     sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).
     predict_seed: base seed; a request without its own seed uses base + its index in the file.
     eval_metrics: metric backbones for ``test`` / validation sampling: ``{dino: facebook/dino-vits16,
         clip_model: ViT-B-32-quickgelu, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
-        backbone left out disables its metrics (logged), L1 / L2 always run.
+        backbone left out disables its metrics (logged), L1 / L2 always run. Across config files:
+        merged key by key, as ``overrides`` (an overlay disables a backbone by setting it to null).
     eval_num_inference_steps: override the per-task default number of sampling steps in ``test``.
     prompt_style: ``training`` (default: the text every model here is trained on) or
         ``authors_inference`` (the strings the authors' inference scripts use; for a checkpoint
@@ -158,6 +180,7 @@ class MIGELightningModule(L.LightningModule):
             raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self._nonfinite_run = 0  # consecutive steps skipped for a non-finite loss or gradient
         self._skip_reason: str | None = None  # this step's loss was not finite (on some rank)
+        self._unseen_text = UnseenTextTally()  # training instructions the encoder does not see whole
         self._val_pipe: MIGEPipeline | None = None  # validation / predict sampling pipelines
         self._pipe: MIGEPipeline | None = None
         self._sampling_with_ema = False  # whether predict / test sample with the checkpoint's EMA
@@ -207,11 +230,30 @@ class MIGELightningModule(L.LightningModule):
             vision_mean=self.config.vision_mean,
             vision_std=self.config.vision_std,
             max_images=self.config.max_images,
-            # hashing the VAE's weights costs ~1 s at paper size: only a latent cache needs it
+            check_instructions=self.instruction_problems,
+            # hashing the VAE's weights costs ~1 s at paper size: only a latent cache (or shards
+            # with latents) needs it
             vae_identity=self.model.autoencoder.identity()
-            if getattr(datamodule, "latent_cache", None)
+            if getattr(datamodule, "latent_cache", None) or getattr(datamodule, "streams_latents", False)
             else None,
         )
+
+    def instruction_problems(
+        self, tasks: list[str], instructions: list[str], counts: list[int], *, style: str | None = None
+    ) -> list[UnseenText]:
+        """Per instruction, what of it the model would not see: words past the prompt's word limit,
+        tokens past the encoder's ``max_length``, words the tokenizer does not know. ``style``:
+        the prompt style (default: the one ``predict`` uses)."""
+        style = style or self.hparams.prompt_style
+        prompts = [build_prompt(t, i, style=style) for t, i in zip(tasks, instructions, strict=True)]
+        losses = self.model.encoder.text_losses(prompts, counts)
+        return [
+            UnseenText(
+                cut=tuple(m for m in (words_cut(text), loss.cut_message()) if m),
+                unknown=tuple(m for m in (loss.unknown_message(),) if m),
+            )
+            for text, loss in zip(instructions, losses, strict=True)
+        ]
 
     # ----------------------------------------------------------------------------------- training
     def encode_batch(self, batch: dict, *, drop_condition=None, drop_input=None):
@@ -261,6 +303,11 @@ class MIGELightningModule(L.LightningModule):
         x_start, cond_input, cond, cond_mask = self.encode_batch(
             batch, drop_condition=drop_condition, drop_input=drop_input
         )
+        counts = batch["ref_mask"].sum(1).tolist()
+        unseen = self.instruction_problems(batch["task"], batch["instruction"], counts, style="training")
+        self._unseen_text.add(batch["instruction"], unseen)
+        for name, value in self._unseen_text.step_counts(unseen).items():  # summed over steps and ranks
+            self.log(name, value, on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True, batch_size=1)
         t = self.diffusion.sample_timesteps(batch_size, device=self.device)
         noise = torch.randn_like(x_start)
         x_t = self.diffusion.add_noise(x_start, noise, t)
@@ -301,6 +348,11 @@ class MIGELightningModule(L.LightningModule):
                 batch_size=1,
             )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if (summary := self._unseen_text.summary(self.current_epoch)) is not None:
+            log.warning(summary)  # this rank's share; the logged counts are summed over ranks
+        self._unseen_text = UnseenTextTally()
 
     def _skip_nonfinite(self, what: str) -> None:
         self._nonfinite_run += 1
@@ -382,12 +434,39 @@ class MIGELightningModule(L.LightningModule):
                 states = checkpoint.get("rng_states")
                 world = self.trainer.world_size
                 self._resume_rng = rank_rng_state(states, rank=self.global_rank, world_size=world)
+        self._refuse_unloadable_weights(checkpoint)
         self._ema_weights = checkpoint.get("ema")
         saved = checkpoint.get("mige", {}).get("prompt_version", PROMPT_VERSION)
         if saved != PROMPT_VERSION:
             raise ValueError(
                 f"checkpoint was trained with prompt version {saved}, this code builds version {PROMPT_VERSION}"
             )
+
+    def _refuse_unloadable_weights(self, checkpoint: dict) -> None:
+        """NaN / inf in the checkpoint's weights, EMA weights or (``fit``) optimiser state, or an
+        integer tensor for a float one: refused naming the file and the tensors, before anything is
+        loaded — on every rank together (under ``ModelParallelStrategy`` the strategy has already
+        read the weights into this rank's shards: those are checked)."""
+        trainer = self._trainer
+        where = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
+        weights = checkpoint.get("state_dict")
+        own = self.state_dict()
+        if weights is None:
+            weights = own
+        kinds = [p for k, v in weights.items() if k in own and (p := dtype_problem(k, v.dtype, own[k].dtype))]
+        bad = nonfinite_problems(weights) + nonfinite_problems(checkpoint.get("ema") or {}, prefix="ema.")
+        if trainer is not None and trainer.state.fn == "fit":
+            optimizer = dict(named_tensors(checkpoint.get("optimizer_states", []), "optimizer_states"))
+            bad += nonfinite_problems(optimizer)
+        refuse = bool(bad or kinds)
+        if trainer is not None and trainer.world_size > 1:  # a shard of another rank may be the bad one
+            refuse = trainer.strategy.reduce_boolean_decision(refuse, all=False)
+        if kinds:
+            raise ValueError(f"{where}: {len(kinds)} tensor(s) of another kind: " + ", ".join(kinds[:5]))
+        if bad:
+            raise ValueError(nonfinite_message(where, bad))
+        if refuse:
+            raise ValueError(f"{where}: non-finite values in another rank's shards (named in its error)")
 
     # ----------------------------------------------------------------------------------- sampling
     def pipeline(self, scheduler: str | None = None) -> MIGEPipeline:
@@ -474,17 +553,21 @@ class MIGELightningModule(L.LightningModule):
         results = []
         for (task, steps, s_y, s_s, resize), items in groups.items():
             requests = [it["request"] for it in items]
-            out = self._pipe(
-                [r["instruction"] for r in requests],
-                task=task,
-                images=[it["images"] for it in items],
-                source=[it["source"] for it in items],
-                num_inference_steps=steps,
-                guidance_scale=s_y,
-                image_guidance_scale=s_s,
-                seeds=[r.get("seed", self.hparams.predict_seed + r["index"]) for r in requests],
-                resize_to_source=resize,
-            )
+            try:
+                out = self._pipe(
+                    [r["instruction"] for r in requests],
+                    task=task,
+                    images=[it["images"] for it in items],
+                    source=[it["source"] for it in items],
+                    num_inference_steps=steps,
+                    guidance_scale=s_y,
+                    image_guidance_scale=s_s,
+                    seeds=[r.get("seed", self.hparams.predict_seed + r["index"]) for r in requests],
+                    resize_to_source=resize,
+                )
+            except FloatingPointError as err:  # name the requests, not positions in a group
+                where = ", ".join(f"{r['id']} ({r['origin']})" for r in requests)
+                raise FloatingPointError(f"requests {where}: {err}") from err
             for r, image, settings in zip(requests, out.images, out.settings, strict=True):
                 results.append(
                     {"request": r, "image": image, "settings": {**settings, "ema": self._sampling_with_ema}}

@@ -374,6 +374,15 @@ class MIGEPipeline(DiffusionPipeline):
         prompts = [build_prompt(task, text, style=self.config.prompt_style) for text in instructions]
         # 7. decode and post-process
         pixels = torch.cat([model.autoencoder.decode(latents[c]) for c in chunks])  # per chunk, like the rest
+        # non-finite weights or a diverged sampler give NaN, which casts to black: never an image
+        finite = torch.isfinite(pixels.flatten(1)).all(1) & torch.isfinite(latents.flatten(1)).all(1)
+        if not finite.all():
+            bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+            raise FloatingPointError(
+                f"sampling gave non-finite values (NaN / inf) for {len(bad)} of {n} instruction(s) "
+                f"(positions {bad[:10]}); no image is written. Check the weights (a NaN tensor in the "
+                "checkpoint or init_weights) and the sampling settings"
+            )
         settings = [
             {
                 "task": task.value,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from enum import Enum
 
 PROMPT_VERSION = 1
@@ -107,6 +108,67 @@ def placeholders_cut(text: str, *, max_words: int = 88) -> str | None:
         f"the instruction has {words} words and the {max_words}-word limit cuts {total - kept} of its "
         f"{total} <imagehere> placeholder(s); shorten it or move the placeholders earlier"
     )
+
+
+def words_cut(text: str, *, max_words: int = 88) -> str | None:
+    """What the word limit of ``normalize_instruction`` drops from ``text``, or None."""
+    words = normalize_instruction(text, max_words=sys.maxsize).split(" ")
+    if len(words) <= max_words:
+        return None
+    dropped = " ".join(words[max_words:])
+    return (
+        f"the instruction has {len(words)} words and the prompt's {max_words}-word limit drops the last "
+        f"{len(words) - max_words} ({dropped[:120]!r}{'…' if len(dropped) > 120 else ''}); shorten it"
+    )
+
+
+@dataclass(frozen=True)
+class UnseenText:
+    """What of one instruction the model does not see (``MIGEModule.instruction_problems``)."""
+
+    cut: tuple[str, ...] = ()  # text dropped by the word limit or the encoder's max_length
+    unknown: tuple[str, ...] = ()  # words read as the tokenizer's unknown token
+
+    @property
+    def messages(self) -> list[str]:
+        return [*self.cut, *self.unknown]
+
+
+class UnseenTextTally:
+    """Training instructions the encoder does not see whole, counted over an epoch (the training
+    path reports them in a summary instead of stopping: one cut caption of millions is no reason
+    to stop a run, but the researcher must know)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.cut = 0
+        self.unknown = 0
+        self.examples: list[str] = []
+
+    @staticmethod
+    def step_counts(unseen: list[UnseenText]) -> dict[str, float]:
+        return {
+            "train/instructions_cut": float(sum(bool(u.cut) for u in unseen)),
+            "train/instructions_unknown_words": float(sum(bool(u.unknown) for u in unseen)),
+        }
+
+    def add(self, instructions: list[str], unseen: list[UnseenText]) -> None:
+        self.seen += len(instructions)
+        self.cut += sum(bool(u.cut) for u in unseen)
+        self.unknown += sum(bool(u.unknown) for u in unseen)
+        for text, u in zip(instructions, unseen, strict=True):
+            if u.messages and len(self.examples) < 5:
+                self.examples.append(f"{text[:80]!r}: " + "; ".join(u.messages))
+
+    def summary(self, epoch: int) -> str | None:
+        if not (self.cut or self.unknown):
+            return None
+        return (
+            f"epoch {epoch}: of {self.seen} training instructions on this rank, {self.cut} were cut "
+            f"(words past the limit or tokens past max_length never reach the model) and {self.unknown} "
+            "had words the tokenizer reads as unknown (logged as train/instructions_cut, "
+            "train/instructions_unknown_words). First: " + " | ".join(self.examples)
+        )
 
 
 def split_placeholders(text: str) -> list[str]:

@@ -146,7 +146,9 @@ def build_sharded_mige(
        done so far plus one whole unit;
     3. pretrained weights (``init_weights``, else the pretrained sources) read into the local
        shards: each rank reads only its own rows of each tensor from the safetensors files.
-    Every parameter must end up drawn or read: one left as allocated is an error naming it.
+    Every parameter must end up drawn or read: one left as allocated is an error naming it; rows
+    read holding NaN / inf are an error naming the file and key. Both are decided over all ranks
+    (each sees only its rows), so every rank stops together.
     """
     model = build_mige(config, seed=seed, skeleton=True)
     sources = tensor_sources(config, model, init_weights=init_weights)
@@ -194,13 +196,32 @@ def build_sharded_mige(
         before_unit=materialise_and_draw,
     )
     release_freed_host_memory()
-    load_local_rows(model, sources)
+    nonfinite = load_local_rows(model, sources)
     unset = [n for n, p in model.named_parameters() if local_part(p).isnan().any()]
+    nonfinite, unset = _on_every_rank(nonfinite, unset)
+    if nonfinite:
+        raise ValueError(
+            f"build_sharded_mige: non-finite values in {len(nonfinite)} tensor(s) read: "
+            + "; ".join(nonfinite[:8])
+            + "; refusing to load them"
+        )
     if unset:
         raise RuntimeError(
             f"build_sharded_mige: {len(unset)} parameter(s) neither drawn nor loaded: {unset[:5]}"
         )
     return model
+
+
+def _on_every_rank(*lists: list[str]) -> list[list[str]]:
+    """Each list joined over all ranks (every rank builds the model; first seen first), so all
+    ranks decide alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(lists)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, lists)
+    return [list(dict.fromkeys(x for rank in gathered for x in rank[i])) for i in range(len(lists))]
 
 
 def _libc():

@@ -33,6 +33,10 @@ BASE_ARGS = [
     str(REPO / "configs/trainer/fsdp.yaml"),
 ]
 CPU_ARGS = ["--trainer.accelerator=cpu", "--model.fsdp_mixed_precision=false"]
+# the overlay's model.overrides / model.pretrained / data.synthetic are meant whole (the tiny preset's
+# shapes, no pretrained part but the tokenizer, the overlay's world): a config file's dict merges
+# into the demo's key by key (mige_cli/config_overlays.py), so the demo's are cleared first
+CLEAR_DEMO_DICTS = ["--model.overrides=null", "--model.pretrained=null", "--data.synthetic=null"]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -57,6 +61,7 @@ def fit_command(overlay: Path, *extra: str) -> list[str]:
         "mige_lightning",
         "fit",
         *BASE_ARGS,
+        *CLEAR_DEMO_DICTS,
         "--config",
         str(overlay),
         *CPU_ARGS,

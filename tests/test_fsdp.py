@@ -17,7 +17,7 @@ from safetensors import safe_open
 from mige_cli.export import load_exported
 from mige_cli.main import main
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY
-from tests.fsdp_probe import REPO, cli_env, fit_command, sample, write_overlay
+from tests.fsdp_probe import CLEAR_DEMO_DICTS, REPO, cli_env, fit_command, sample, write_overlay
 
 STEPS, EVERY = 8, 4  # optimiser steps; checkpoint every 4 (mid-epoch: 10 batches per epoch per rank)
 FIT = dict(max_steps=STEPS, accumulate_grad_batches=2)  # 16 batches: the run crosses an epoch
@@ -115,7 +115,13 @@ def test_resume_from_a_mid_epoch_sharded_checkpoint_repeats_the_losses(runs):
 def test_export_writes_one_safetensors_that_samples_the_sharded_models_image(runs, monkeypatch):
     monkeypatch.chdir(runs.root)
     last = runs.ckpt_dir / "last.ckpt"
-    model_args = ["--config", str(REPO / "configs/demo.yaml"), "--config", str(runs.overlay)]
+    model_args = [
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        *CLEAR_DEMO_DICTS,
+        "--config",
+        str(runs.overlay),
+    ]
     raw = runs.root / "export_raw"
     main(["export", *model_args, f"--ckpt_path={last}", f"--output={raw}", "--weights=raw"])
     assert sorted(p.name for p in raw.iterdir()) == ["config.json", "model.safetensors"]
@@ -147,7 +153,7 @@ def test_export_writes_one_safetensors_that_samples_the_sharded_models_image(run
 @pytest.mark.slow
 def test_export_of_a_different_architecture_names_the_field(runs, monkeypatch):
     monkeypatch.chdir(runs.root)
-    args = ["--config", str(REPO / "configs/demo.yaml"), "--config", str(runs.overlay)]
+    args = ["--config", str(REPO / "configs/demo.yaml"), *CLEAR_DEMO_DICTS, "--config", str(runs.overlay)]
     with pytest.raises(ValueError, match=r"model\.dit: the config builds"):
         main(
             [

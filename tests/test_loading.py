@@ -123,8 +123,8 @@ def test_blip2_reads_only_the_needed_shards(saved, monkeypatch):
     import mige_lightning.models.loading as loading
 
     opened = []
-    real = loading.safe_open
-    monkeypatch.setattr(loading, "safe_open", lambda path, **kw: (opened.append(path), real(path, **kw))[1])
+    real = loading.open_safetensors  # every safetensors read goes through it (checkpoint_files)
+    monkeypatch.setattr(loading, "open_safetensors", lambda path: (opened.append(str(path)), real(path))[1])
     load_blip2_parts(str(saved["root"] / "blip2"))
     index = (saved["root"] / "blip2" / "model.safetensors.index.json").read_text()
     import json

@@ -31,6 +31,32 @@ class Interleaved:
     image_starts: list[list[int]]  # per sample, where each image's Q tokens start
 
 
+@dataclass(frozen=True)
+class TextLoss:
+    """What of one prompt's text the encoder does not see (``MultimodalEncoder.text_losses``)."""
+
+    cut_tokens: int  # tokens past max_length, dropped from the end
+    cut_text: str  # those tokens decoded
+    unknown_words: tuple[str, ...]  # words that became the tokenizer's unknown token
+    max_length: int
+
+    def cut_message(self) -> str | None:
+        if not self.cut_tokens:
+            return None
+        tail = self.cut_text if len(self.cut_text) <= 120 else "…" + self.cut_text[-119:]
+        return (
+            f"the instruction does not fit the encoder's max_length={self.max_length} tokens: "
+            f"{self.cut_tokens} token(s) at its end never reach the model ({tail!r}); shorten it"
+        )
+
+    def unknown_message(self) -> str | None:
+        if not self.unknown_words:
+            return None
+        words = ", ".join(repr(w) for w in self.unknown_words[:10])
+        more = f" and {len(self.unknown_words) - 10} more" if len(self.unknown_words) > 10 else ""
+        return f"word(s) unknown to the tokenizer, read as its unknown token: {words}{more}; reword them"
+
+
 class MultimodalEncoder(nn.Module):
     def __init__(
         self,
@@ -122,6 +148,37 @@ class MultimodalEncoder(nn.Module):
                 excess -= cut
             per_sample.append(seg_ids)
         return per_sample
+
+    def text_losses(self, prompts: list[str], counts: list[int]) -> list[TextLoss]:
+        """Per prompt, what of its text never reaches T5: the tail cut at ``max_length`` (text +
+        image tokens + EOS) and the words the tokenizer reads as its unknown token. Same
+        tokenisation as ``interleave``; no network runs."""
+        unk = self.tokenizer.unk_token_id
+        q = self.num_query_tokens
+        out = []
+        for prompt, count in zip(prompts, counts, strict=True):
+            segments = split_placeholders(prompt)
+            ids = self.tokenizer(segments, add_special_tokens=False)["input_ids"]
+            flat = [t for seg in ids for t in seg]
+            budget = max(self.max_length - 1 - q * count, 0)
+            cut = flat[budget:]
+            unknown: list[str] = []
+            if unk is not None and unk in flat:
+                for word in " ".join(segments).split():
+                    if (
+                        unk in self.tokenizer(word, add_special_tokens=False)["input_ids"]
+                        and word not in unknown
+                    ):
+                        unknown.append(word)
+            out.append(
+                TextLoss(
+                    cut_tokens=len(cut),
+                    cut_text=self.tokenizer.decode(cut).strip() if cut else "",
+                    unknown_words=tuple(unknown),
+                    max_length=self.max_length,
+                )
+            )
+        return out
 
     def sequence_lengths(self, prompts: list[str], counts: list[int]) -> list[int]:
         """How many condition tokens each prompt becomes (text + image tokens + EOS), without

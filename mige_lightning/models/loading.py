@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import (
     AutoTokenizer,
     Blip2Config,
@@ -23,6 +22,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.utils import cached_file
+
+from mige_lightning.checkpoint_files import (
+    load_torch_file,
+    nonfinite_message,
+    nonfinite_problems,
+    open_safetensors,
+    refuse_nonfinite,
+)
 
 BYTE_TOKENIZER = "byte"  # a tokenizer built in code (tiny preset, offline demo)
 WORD_TOKENIZER = "words"  # a word-level tokenizer built in code over BASIC_WORDS (the CPU demo)
@@ -151,11 +158,15 @@ def _checkpoint_tensors(source: str, prefixes: Iterable[str]) -> dict[str, torch
     else:
         shards = ["model.safetensors"]
     tensors: dict[str, torch.Tensor] = {}
+    nonfinite = []
     for shard in shards:
-        with safe_open(cached_file(source, shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name.startswith(prefixes):
-                    tensors[name] = f.get_tensor(name)
+        path = cached_file(source, shard)
+        with open_safetensors(path) as f:
+            read = {name: f.get_tensor(name) for name in f.keys() if name.startswith(prefixes)}  # noqa: SIM118
+        nonfinite += [f"{path} {problem}" for problem in nonfinite_problems(read)]
+        tensors.update(read)
+    if nonfinite:
+        raise ValueError(nonfinite_message(f"BLIP-2 checkpoint '{source}'", nonfinite))
     return tensors
 
 
@@ -206,15 +217,23 @@ def load_tensor_file(path: str) -> torch.Tensor:
     """A single tensor from ``.safetensors`` (the only tensor, or the one named ``y_embedding``) or ``.pt``."""
     path_obj = Path(path).expanduser()
     if path_obj.suffix == ".safetensors":
-        with safe_open(str(path_obj), framework="pt") as f:
+        with open_safetensors(path_obj) as f:
             names = list(f.keys())
             name = "y_embedding" if "y_embedding" in names else names[0] if len(names) == 1 else None
             if name is None:
                 raise ValueError(f"{path}: expected one tensor or one named 'y_embedding', found {names}")
-            return f.get_tensor(name)
-    obj = torch.load(path_obj, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        obj = obj.get("y_embedding", obj.get("uncond_prompt_embeds"))
-    if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor or a dict with 'y_embedding'")
+            obj = f.get_tensor(name)
+    else:
+        obj = load_torch_file(path_obj)
+        name = "y_embedding"
+        if isinstance(obj, dict):
+            name = "y_embedding" if "y_embedding" in obj else "uncond_prompt_embeds"
+            obj = obj.get(name)
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{path}: expected a tensor or a dict with 'y_embedding'")
+    if not obj.is_floating_point():
+        raise ValueError(
+            f"{path}: '{name}' is {str(obj.dtype).removeprefix('torch.')}, expected a float tensor"
+        )
+    refuse_nonfinite({name: obj}, str(path))
     return obj

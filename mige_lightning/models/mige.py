@@ -21,6 +21,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from mige_lightning.checkpoint_files import refuse_nonfinite
 from mige_lightning.models.adapter import ConditionAdapter
 from mige_lightning.models.autoencoder import KLAutoencoder, PixelAutoencoder, build_autoencoder
 from mige_lightning.models.dit import build_dit, patch_tokens
@@ -344,6 +345,10 @@ def _build(
         parts = None
     # a skeleton's adapter takes the null condition (a real buffer) here, its weights later
     _load_adapter_parts(adapter, config, parts)
+    if not skeleton:  # components read by from_pretrained: a NaN / inf weight names its source
+        for key, source, module in (("t5", src.t5, t5), ("dit", src.dit, dit), ("vae", src.vae, autoencoder)):
+            if source is not None:
+                refuse_nonfinite(module.state_dict(), f"model.pretrained.{key} ({source})")
 
     encoder = MultimodalEncoder(
         vision=vision,

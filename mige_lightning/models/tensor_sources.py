@@ -5,8 +5,9 @@ skeleton until its shards exist, so instead of ``from_pretrained`` each of its p
 to a tensor in a safetensors file — of ``model.init_weights`` when given (every tensor), else of the
 component's pretrained source (T5, the BLIP-2 vision tower / Q-Former / query tokens / language
 projection, the PixArt DiT) — and each rank reads the rows of its own shard with
-``safe_open(...).get_slice``. A tensor missing from its file, of another shape, or a file that is
-not safetensors is an error naming the file and the key.
+``safe_open(...).get_slice``. A tensor missing from its file, of another shape or kind (integer /
+bool where the model's is float), or a file that is not safetensors is an error naming the file and
+the key; rows holding NaN / inf are reported by ``load_local_rows``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch.distributed.tensor import DTensor, Shard
 from transformers.utils import cached_file
 
+from mige_lightning.checkpoint_files import dtype_problem, nonfinite_count, open_safetensors
 from mige_lightning.models.loading import resolve_source
 from mige_lightning.models.weights import EXPORT_PREFIX, tied_names, weights_file
 
@@ -49,7 +50,7 @@ def safetensors_keys(source: str, *, config_key: str, subfolder: str | None, fil
             f"{config_key}: '{where}' has no {filename} (or its .index.json); the sharded start reads "
             "safetensors only — convert the checkpoint, or set model.meta_init: false"
         )
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), single)  # noqa: SIM118 (safe_open is not a dict)
 
 
@@ -108,20 +109,28 @@ def tensor_sources(
                 problems.append(f"{config_key}: no tensor '{candidates[0]}' (for {name})")
                 continue
             out[name] = TensorSource(keys[key], key, widen=name == "dit.pos_embed.proj.weight")
-            problems += _shape_problem(out[name], tuple(shapes[name].shape), config_key, headers)
+            problems += _shape_problem(out[name], shapes[name], config_key, headers)
     if problems:
         raise ValueError("pretrained weights do not fit the model: " + "; ".join(problems[:8]))
     return out
 
 
 def _shape_problem(
-    source: TensorSource, shape: tuple[int, ...], config_key: str, headers: dict[str, dict]
+    source: TensorSource, target: torch.Tensor, config_key: str, headers: dict[str, dict]
 ) -> list[str]:
-    """``headers``: file → its tensors' shapes, filled as files are first met (one read each)."""
+    """The file's tensor against the model's ``target`` (shape and kind of dtype). ``headers``:
+    file → its tensors' shapes and dtypes, filled as files are first met (one read each)."""
     if source.file not in headers:
-        with safe_open(source.file, framework="pt") as f:
-            headers[source.file] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    file_shape = headers[source.file][source.key]
+        with open_safetensors(source.file) as f:
+            headers[source.file] = {
+                k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                for k in f.keys()  # noqa: SIM118
+            }
+    file_shape, file_dtype = headers[source.file][source.key]
+    shape = tuple(target.shape)
+    kind = dtype_problem(source.key, file_dtype, target.dtype)
+    if kind:
+        return [f"{config_key}: {source.file} {kind}"]
     fits = file_shape == shape or (
         source.widen
         and len(file_shape) == len(shape)
@@ -137,7 +146,7 @@ def _shape_problem(
 def _from_weights_file(model: torch.nn.Module, path: str) -> dict[str, TensorSource]:
     """Every tensor from one ``model.safetensors`` (same rules as ``weights.load_weights``)."""
     file = str(weights_file(path))
-    with safe_open(file, framework="pt") as f:
+    with open_safetensors(file) as f:
         keys = list(f.keys())  # noqa: SIM118
     prefix = EXPORT_PREFIX if keys and all(k.startswith(EXPORT_PREFIX) for k in keys) else ""
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -149,7 +158,7 @@ def _from_weights_file(model: torch.nn.Module, path: str) -> dict[str, TensorSou
             problems.append(f"a tensor the model does not have: {key}")
             continue
         out[name] = TensorSource(file, key)
-        problems += _shape_problem(out[name], tuple(own[name].shape), "model.init_weights", headers)
+        problems += _shape_problem(out[name], own[name], "model.init_weights", headers)
     missing = [n for n, _ in model.named_parameters() if n not in out and not n.startswith("autoencoder.")]
     if missing:
         problems.append(f"{len(missing)} of the model's tensor(s) missing: {missing[:5]}")
@@ -182,28 +191,35 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def load_local_rows(model: torch.nn.Module, sources: dict[str, TensorSource]) -> None:
-    """Copy each source's rows for this rank into the model's (local shard of the) tensor.
+def load_local_rows(model: torch.nn.Module, sources: dict[str, TensorSource]) -> list[str]:
+    """Copy each source's rows for this rank into the model's (local shard of the) tensor; returns
+    what was read holding NaN / inf (file, key, rows), for the caller to refuse on every rank.
 
     The file is opened per tensor: safetensors maps it into memory, and the pages a rank has read
     count as its resident memory until the mapping closes — per file, that would add the rank's
     part of a whole multi-GB shard file to its peak instead of one tensor's rows.
     """
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    nonfinite = []
     for name, source in sources.items():
         target = tensors[name]
         start, stop = local_rows(target)
         local = local_part(target)
         if stop == start:
             continue
-        with safe_open(source.file, framework="pt") as f:
-            if local.ndim == 0:
-                local.copy_(f.get_tensor(source.key))
-                continue
-            rows = f.get_slice(source.key)[start:stop]
-        rows = rows.to(local.dtype)
+        with open_safetensors(source.file) as f:
+            rows = f.get_tensor(source.key) if local.ndim == 0 else f.get_slice(source.key)[start:stop]
+        rows = rows.to(local.dtype)  # a float cast (other kinds were refused by tensor_sources)
+        if count := nonfinite_count(rows):
+            where = "" if local.ndim == 0 else f" rows {start}:{stop}"
+            nonfinite.append(f"{source.file} '{source.key}'{where} (for {name}): {count}")
+            continue
+        if local.ndim == 0:
+            local.copy_(rows)
+            continue
         if source.widen and rows.shape[1] < local.shape[1]:
             local.zero_()
             local[:, : rows.shape[1]].copy_(rows)
         else:
             local.copy_(rows)
+    return nonfinite

@@ -13,7 +13,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from mige_lightning.checkpoint_files import (
+    dtype_problem,
+    load_safetensors,
+    nonfinite_message,
+    nonfinite_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +53,26 @@ def tied_names(model: torch.nn.Module) -> dict[str, str]:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
-    """Copy the file's tensors into ``model`` (cast to its dtype); returns the names of the
-    model's tensors the file did not have (autoencoder only). Anything else is an error naming
-    the keys."""
+    """Copy the file's tensors into ``model`` (float ones cast to its float dtype); returns the
+    names of the model's tensors the file did not have (autoencoder only). Anything else — an
+    unreadable file, a tensor of another shape or kind (integer / bool for float), NaN / inf — is
+    an error naming the file and the keys."""
     file = weights_file(path)
-    state = load_file(str(file))
+    state = load_safetensors(file)
     if state and all(k.startswith(EXPORT_PREFIX) for k in state):
         state = {k[len(EXPORT_PREFIX) :]: v for k, v in state.items()}
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    kinds = [
+        p for k in sorted(set(state) & set(own)) if (p := dtype_problem(k, state[k].dtype, own[k].dtype))
+    ]
     # a tensor shared under several names is filled when the file has any one of them
     tied = tied_names(model)
     given = {tied.get(k, k) for k in state}
     missing = sorted(k for k in own if tied.get(k, k) not in given)
     not_vae = [k for k in missing if not k.startswith("autoencoder.")]
-    if unexpected or wrong or not_vae:
+    if unexpected or wrong or not_vae or kinds:
         problems = []
         if unexpected:
             problems.append(f"{len(unexpected)} tensor(s) the model does not have: {unexpected[:5]}")
@@ -73,9 +83,14 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> list[str]:
             )
         if not_vae:
             problems.append(f"{len(not_vae)} of the model's tensor(s) missing: {not_vae[:5]}")
+        if kinds:
+            problems.append(f"{len(kinds)} of another kind: " + ", ".join(kinds[:5]))
         raise ValueError(
             f"model.init_weights: {file} does not fit the configured model: " + "; ".join(problems)
         )
+    nonfinite = nonfinite_problems(state)
+    if nonfinite:
+        raise ValueError(nonfinite_message(f"model.init_weights: {file}", nonfinite))
     model.load_state_dict(state, strict=False)
     if missing:
         log.info("model.init_weights: %s has no autoencoder; it comes from model.pretrained.vae", file)
