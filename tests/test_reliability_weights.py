@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from mige_cli.main import main
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.module import MIGELightningModule
-from tests.conftest import FROM_SCRATCH, LinearModule, make_batch
+from tests.conftest import FROM_SCRATCH, LinearModule, bare_trainer, make_batch
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = {"nan": float("nan"), "inf": float("inf")}
@@ -59,15 +59,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_ckpt")
     torch.manual_seed(0)
     module = MIGELightningModule("tiny", warmup_steps=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = bare_trainer(root, max_steps=1)
     batch = make_batch(module.config, [1])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
     path = root / "good.ckpt"
@@ -170,9 +162,7 @@ def test_fit_refuses_to_resume_from_non_finite_optimiser_state(tiny_ckpt, tmp_pa
     bad = tmp_path / "bad.ckpt"
     torch.save(ckpt, bad)
     module = MIGELightningModule("tiny", warmup_steps=1)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
+    trainer = bare_trainer(tmp_path, max_steps=2)
     batch = make_batch(module.config, [1])
     with pytest.raises(
         ValueError,
