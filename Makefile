@@ -10,7 +10,7 @@ GPUS_PER_NODE ?= 8
 SLURM_CONFIG ?= configs/mige_xl.yaml configs/trainer/fsdp.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo pretrain-world predict-demo replicate-mutual bench-pretraining bench-curve bench-targets test test-fast lint format bench bench-data bench-sample bench-fsdp slurm-dry-run slurm-submit clean
+.PHONY: help install demo pretrain-world predict-demo replicate-mutual bench-pretraining bench-curve bench-targets test test-fast lint format bench bench-data bench-streaming bench-sample bench-fsdp slurm-dry-run slurm-submit clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench: $(STAMP) ## train-step time and peak memory (tiny + mid presets, CPU)
 
 bench-data: $(STAMP) ## data-loading samples/s at 512 px with and without the latent cache (~4 min)
 	$(BIN)/python bench/dataloader.py
+
+bench-streaming: $(STAMP) ## loader samples/s per worker at 512 px: file loader vs litdata shards (images, latents); task mix (~5 min)
+	$(BIN)/python bench/streaming_loader.py
 
 bench-sample: $(STAMP) ## seconds per image per task (tiny, mid) and guidance overhead, CPU
 	$(BIN)/python bench/sample.py

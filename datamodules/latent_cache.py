@@ -36,6 +36,13 @@ class StaleCacheError(RuntimeError):
     pass
 
 
+def sample_moments(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A latent from stored moments [2, C, h, w] (mean, std; any float dtype): mean + std · ε."""
+    m = moments.float()
+    mean, std = m[0], m[1]
+    return mean + std * torch.randn(mean.shape, generator=generator)
+
+
 class LatentCache:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -96,8 +103,7 @@ class LatentCache:
         m = torch.from_numpy(
             np.array(self.moments[self._row(self.latent_rows, path, "latents")], dtype=np.float32)
         )
-        mean, std = m[0], m[1]
-        return mean + std * torch.randn(mean.shape, generator=generator)
+        return sample_moments(m, generator)
 
     def vit_pixels(self, path: Path) -> torch.Tensor:
         """[3, Hv, Wv] float in [0, 1] (before the vision tower's normalisation)."""

@@ -55,6 +55,21 @@ def check_pool_weights(
     return active
 
 
+def pool_probabilities(active: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+    """The active pools in draw order (sorted) and their probabilities (weights normalised)."""
+    keys = sorted(active)
+    total = sum(active.values())
+    return keys, np.array([active[k] / total for k in keys])
+
+
+def pool_choices(probs: np.ndarray, *, seed: int, epoch: int, rank: int, num_samples: int) -> np.ndarray:
+    """Which pool (index into the sorted pool keys) each of a rank's ``num_samples`` samples of an
+    epoch comes from: a pure function of ``(seed, epoch, rank)``, shared by the task sampler (file
+    loader) and the shard mixer (``datamodules/streaming.py``)."""
+    rng = np.random.default_rng([seed, epoch, rank, 0])
+    return rng.choice(len(probs), size=num_samples, p=probs)
+
+
 class TaskBalancedSampler(DistributedSampler):
     def __init__(
         self,
@@ -70,9 +85,7 @@ class TaskBalancedSampler(DistributedSampler):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
         active = check_pool_weights({k: len(v) for k, v in pools.items()}, weights, num_replicas)
-        self.keys = sorted(active)
-        total = sum(active.values())
-        self.probs = np.array([active[k] / total for k in self.keys])
+        self.keys, self.probs = pool_probabilities(active)
         self.pools = {k: np.asarray(pools[k], dtype=np.int64) for k in self.keys}
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
         self.num_samples = num_samples or sum(len(v) for v in self.pools.values()) // num_replicas
@@ -83,8 +96,10 @@ class TaskBalancedSampler(DistributedSampler):
     # ------------------------------------------------------------------------------------ stream
     def pool_choices(self, epoch: int | None = None) -> np.ndarray:
         """Which pool (index into ``self.keys``) each of this rank's samples comes from."""
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, self.rank, 0])
-        return rng.choice(len(self.keys), size=self.num_samples, p=self.probs)
+        epoch = self.epoch if epoch is None else epoch
+        return pool_choices(
+            self.probs, seed=self.seed, epoch=epoch, rank=self.rank, num_samples=self.num_samples
+        )
 
     def stream(self, epoch: int | None = None) -> np.ndarray:
         """This rank's dataset indices for the whole epoch."""

@@ -20,6 +20,7 @@ from datamodules.dataset import MIGEDataset, collate
 from datamodules.heldout import HeldOutBatches, RankLocalSampler, as_is, shard_heldout
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
+from datamodules.streaming import Shards, check_streaming_spec, streaming_loader
 from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler, check_pool_weights
 from datamodules.validation import check_records, resolve_problems
 from mige_lightning.transforms import Transforms
@@ -90,6 +91,14 @@ class TrainingDataModule(MIGEDataModule):
     check_images: decode every image during validation (catches truncated files up front); false
         skips the decode only: every image must still be a regular file (missing ones are bad records).
     latent_cache: directory of latent caches (``cache-latents``); used when it holds one for this VAE.
+    streaming: ``{input_dir: DIR or s3://bucket/prefix, storage_options: {endpoint_url: …}, cache_dir: …}``
+        — train on the shards ``optimize-data`` wrote (``datamodules/streaming.py``) instead of
+        ``manifests`` / ``synthetic``'s train split (``manifests`` may then be empty;
+        ``latent_cache`` is not used: the shards carry their latents). Shards made for another
+        resolution, autoencoder (latents), prompt contract or format are refused. The pools are
+        mixed at ``task_weights`` by the sampler's pool-choice stream; ``num_workers`` is shared
+        between the pools' loaders by weight (at least one each). Validation is unchanged. A later
+        config file's ``streaming`` is merged into the earlier one key by key.
     val_manifests: held-out records for Lightning's validation loop (sampled in the module's
         ``validation_step``, scored by ``callbacks.validation_metrics.ValidationMetrics``); with
         ``synthetic``, its ``heldout`` split is added. When and how much: ``trainer.val_check_interval``
@@ -112,6 +121,7 @@ class TrainingDataModule(MIGEDataModule):
         on_bad_record: str = "error",
         check_images: bool = True,
         latent_cache: str | None = None,
+        streaming: dict[str, Any] | None = None,
         val_manifests: list[dict[str, Any]] | None = None,
         val_per_task: int | None = None,
         val_batch_size: int = 8,
@@ -121,10 +131,11 @@ class TrainingDataModule(MIGEDataModule):
         vision_std: tuple[float, float, float] | None = None,
     ):
         super().__init__(num_workers=num_workers)
-        if not manifests and not synthetic:
+        if not manifests and not synthetic and not streaming:
             raise ValueError(
-                "data: give `manifests` or `synthetic` to train on (predict: data.class_path "
-                "datamodules.RequestDataModule; test: datamodules.BenchmarkDataModule)"
+                "data: give `manifests` or `synthetic` to train on, or `streaming` (shards from "
+                "optimize-data) (predict: data.class_path datamodules.RequestDataModule; test: "
+                "datamodules.BenchmarkDataModule)"
             )
         self.manifests = [check_manifest_spec(spec, i) for i, spec in enumerate(manifests or [])]
         self.synthetic = dict(synthetic) if synthetic else None
@@ -136,6 +147,9 @@ class TrainingDataModule(MIGEDataModule):
         self.on_bad_record = on_bad_record
         self.check_images = check_images
         self.latent_cache = latent_cache
+        self.streaming = check_streaming_spec(streaming) if streaming else None
+        self.shards: Shards | None = None  # opened in setup
+        self.bad_records: list[Problem] = []  # what validated_records dropped (skip mode)
         self.val_manifests = [
             check_manifest_spec(spec, i, key="data.val_manifests")
             for i, spec in enumerate(val_manifests or [])
@@ -190,6 +204,21 @@ class TrainingDataModule(MIGEDataModule):
                 generate(root, **spec)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.streaming is not None:  # training batches from shards: no manifest is read for them
+            if self.shards is None and stage in (None, "fit"):  # validate needs only the held-out records
+                self.shards = Shards.open(self.streaming)  # complete, this format and prompt contract
+                if stage == "fit":
+                    self.check_pools()
+            return
+        if self.records or self._parse_problems:
+            return
+        self._read_manifests()
+        if stage == "fit":
+            # pools vs. weights now, from the parsed records: Lightning builds the model
+            # (configure_model) after setup, and at paper size that takes minutes
+            self.check_pools()
+
+    def _read_manifests(self) -> None:
         if self.records or self._parse_problems:
             return
         for spec in self.manifest_specs():
@@ -198,10 +227,6 @@ class TrainingDataModule(MIGEDataModule):
             )
             self.records.extend(records)
             self._parse_problems.extend(problems)
-        if stage == "fit":
-            # pools vs. weights now, from the parsed records: Lightning builds the model
-            # (configure_model) after setup, and at paper size that takes minutes
-            self.check_pools()
 
     def check_pools(self) -> None:
         """Every pool the records fall into has a weight, every weighted pool has records
@@ -209,6 +234,8 @@ class TrainingDataModule(MIGEDataModule):
         sizes: dict[str, int] = defaultdict(int)
         for rec in self.records:
             sizes[rec.pool] += 1
+        if self.shards is not None:
+            sizes = defaultdict(int, self.shards.pool_sizes)
         world = self.trainer.world_size if self.trainer is not None else 1
         try:
             check_pool_weights(sizes, self.task_weights, world)
@@ -242,7 +269,7 @@ class TrainingDataModule(MIGEDataModule):
         """Every record checked once (paths, reference count, images); bad ones reported or skipped."""
         if self._validated:
             return self.records
-        self.setup()
+        self._read_manifests()
         good, problems = [], list(self._parse_problems)
         by_manifest: dict[str, list[Record]] = defaultdict(list)
         for rec in self.records:
@@ -255,6 +282,7 @@ class TrainingDataModule(MIGEDataModule):
             good += ok
             problems += bad
         self.records = resolve_problems(good, problems, on_bad_record=self.on_bad_record)
+        self.bad_records = problems
         self._validated = True
         return self.records
 
@@ -299,6 +327,8 @@ class TrainingDataModule(MIGEDataModule):
         return cache
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming is not None:
+            return self._streaming_loader()
         records = self.validated_records()
         pools: dict[str, list[int]] = defaultdict(list)
         for i, rec in enumerate(records):
@@ -324,6 +354,39 @@ class TrainingDataModule(MIGEDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
             drop_last=True,
+        )
+
+    @property
+    def streams_latents(self) -> bool:
+        """Whether the training shards carry latents (the model then hands over its VAE identity)."""
+        return self.shards is not None and self.shards.latents
+
+    def _streaming_loader(self):
+        """The training batches from ``data.streaming``'s shards (``datamodules/streaming.py``)."""
+        self.setup()
+        t = self.transforms
+        self.shards.check_model(
+            resolution=t.resolution, vision_resolution=t.vision_resolution, vae_identity=self.vae_identity
+        )
+        slots = self.shards.settings["reference_slots"]
+        if self.max_images is not None and slots > self.max_images:
+            raise ValueError(
+                f"{self.shards.where}: the shards hold up to {slots} reference image(s) per record; "
+                f"the model allows {self.max_images}"
+            )
+        self.check_pools()  # the pools' sizes against data.task_weights and the world size
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return streaming_loader(
+            self.shards,
+            transforms=t,
+            task_weights=self.task_weights,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            samples_per_epoch=self.samples_per_epoch,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
         )
 
     def val_dataloader(self) -> DataLoader | list:

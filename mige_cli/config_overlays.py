@@ -38,6 +38,7 @@ DICT_OPTIONS: dict[str, str] = {
     "model.eval_metrics": MERGE,
     "model.timestep_sampling": "scheme",
     "data.synthetic": MERGE,
+    "data.streaming": MERGE,
     "data.benchmark": "name",
     "data.task_weights": REPLACE,
 }

@@ -1,7 +1,7 @@
 """``python -m mige_lightning <subcommand> …``: every command-line entry point, dispatched here.
 
 ``fit`` / ``validate`` / ``test`` / ``predict`` go to the LightningCLI (``mige_cli/cli.py``);
-``cache-latents``, ``export``, ``convert-authors``, ``inspect`` / ``inspect-manifest``,
+``cache-latents``, ``optimize-data``, ``export``, ``convert-authors``, ``inspect`` / ``inspect-manifest``,
 ``judge-synthetic`` and ``pretrain-world`` to their own modules. This package is the top layer: the only code that imports
 both the data modules and the callbacks (docs/DESIGN.md, "Layers").
 """
@@ -25,6 +25,11 @@ def main(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
             cli = run_cli(argv[1:], run=False)
         cache_latents(cli.model, cli.datamodule)
         return cli
+    if argv[:1] == ["optimize-data"]:
+        # fit's config: the training records → litdata shards per task pool (local or s3://)
+        from mige_cli.optimize_data import optimize_data
+
+        return optimize_data(argv[1:])
     if argv[:1] == ["judge-synthetic"]:
         # score a predict run on the synthetic world's held-out requests from pixels
         from mige_cli.judge_synthetic import main as judge_main

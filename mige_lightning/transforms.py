@@ -22,16 +22,19 @@ class Transforms:
     def __post_init__(self):
         bicubic = v2.InterpolationMode.BICUBIC
         to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-        self.vae = v2.Compose(
+        # in two halves: the shards of ``optimize-data`` store the first half's (uint8) output and
+        # apply the second when streamed, which gives the same tensor as the whole
+        self.vae_resize = v2.Compose(
             [
                 v2.Resize(self.resolution, interpolation=bicubic, antialias=True),
                 v2.CenterCrop(self.resolution),
-                *to_float,
-                v2.Normalize([0.5] * 3, [0.5] * 3),
             ]
         )
+        self.vae_finish = v2.Compose([*to_float, v2.Normalize([0.5] * 3, [0.5] * 3)])
+        self.vae = v2.Compose([*self.vae_resize.transforms, *self.vae_finish.transforms])
         self.vit_resize = v2.Resize(
             (self.vision_resolution, self.vision_resolution), interpolation=bicubic, antialias=True
         )
         self.vit_normalize = v2.Normalize(list(self.vision_mean), list(self.vision_std))
-        self.vit = v2.Compose([self.vit_resize, *to_float, self.vit_normalize])
+        self.vit_finish = v2.Compose([*to_float, self.vit_normalize])
+        self.vit = v2.Compose([self.vit_resize, *self.vit_finish.transforms])
