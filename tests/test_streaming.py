@@ -178,6 +178,26 @@ def test_streamed_batches_equal_the_file_loaders(demo):
     assert len(seen) == 36 and {records[i].pool for i in seen} == set(DEFAULT_WEIGHTS)
 
 
+def test_validation_reads_the_held_out_split_as_without_shards(demo):
+    """``data.streaming`` replaces the training batches only: the held-out batches Lightning's
+    validation loop gets are the same records and images as without shards."""
+    batches = []
+    for streaming in (None, {"input_dir": str(demo.shards)}):
+        dm = TrainingDataModule(synthetic={"root": str(demo.world)}, streaming=streaming)
+        dm.connect(
+            resolution=32, vision_resolution=32, vision_mean=(0.5,) * 3, vision_std=(0.5,) * 3, max_images=4
+        )
+        dm.setup("fit")
+        batches.append(list(dm.val_dataloader()))
+    plain, streamed = batches
+    assert len(plain) == len(streamed) > 0
+    for a, b in zip(plain, streamed, strict=True):
+        assert a["task"] == b["task"] and a["instruction"] == b["instruction"]
+        assert [it.record for it in a["items"]] == [it.record for it in b["items"]]
+        for key in ("references", "source", "target"):
+            assert a[key] == b[key], key  # PIL images compare by mode, size and pixels
+
+
 def _items_by_index(directory: Path, settings: dict) -> dict[int, dict]:
     from litdata import StreamingDataset
 
