@@ -147,6 +147,11 @@ class TaskBalancedSampler(DistributedSampler):
         }
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if "ranks" in state or "consumed" not in state:
+            raise ValueError(
+                f"the checkpoint's training-data state {sorted(state)} is not the task sampler's (made "
+                "with data.streaming?): resuming mid-epoch needs the same data source"
+            )
         if state["seed"] != self.seed or state["num_samples"] != self.num_samples:
             raise ValueError(
                 f"sampler state is for seed {state['seed']} / {state['num_samples']} samples per epoch, "

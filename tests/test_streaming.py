@@ -40,7 +40,7 @@ from datamodules.streaming import (
     s3_client,
     streaming_loader,
 )
-from datamodules.task_sampler import DEFAULT_WEIGHTS, pool_probabilities
+from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler, pool_probabilities
 from datamodules.training_data import TrainingDataModule
 from mige_cli.main import main
 from mige_lightning.transforms import Transforms
@@ -496,6 +496,14 @@ def test_a_streaming_state_for_other_settings_or_another_loader_is_refused_namin
     file_loader_state = {"epoch": 0, "consumed": 16, "seed": 0, "num_samples": 100}
     with pytest.raises(ValueError, match=r"is not the streaming loader's \(made with data.manifests"):
         _mixer().load_state_dict(file_loader_state)
+    # and the reverse: the file loader's sampler given a streaming checkpoint's state
+    sampler = TaskBalancedSampler(
+        {"subject": list(range(8)), "edit": list(range(8, 16))},
+        DEFAULT_WEIGHTS | {"subject_edit/add": 0, "subject_edit/replace": 0},
+        seed=0,
+    )
+    with pytest.raises(ValueError, match=r"is not the task sampler's \(made with data.streaming"):
+        sampler.load_state_dict(state)
 
 
 def test_the_pool_mix_is_within_001_of_the_weights_over_20000_samples_on_2_ranks():
