@@ -3,7 +3,11 @@ this callback scores each batch's outputs and logs through ``pl_module.log``.
 
 Logged keys (every validation run, on every rank, so ``ModelCheckpoint(monitor=…)``,
 ``EarlyStopping`` and the progress bar see them): ``val/<task>/l1``, ``val/<task>/l2`` always;
-``val/<task>/dino`` and ``val/<task>/clip_i`` when ``model.eval_metrics`` configures the backbones;
+``val/<task>/dino`` and ``val/<task>/clip_i`` when ``model.eval_metrics`` configures the backbones,
+and with CLIP also ``val/<task>/clip_t`` (output vs the record's ``output_caption``; rows whose
+input and output captions are identical skipped) and ``val/<task>/clip_dir`` (source → output vs
+``input_caption`` → ``output_caption``; identical captions skipped) when that task's held-out
+records carry captions — the same metrics and rules as ``test`` (``mige_lightning/metrics.py``);
 on the synthetic world (``data.synthetic``) the pixel judge's ``val/<task>/scene_acc`` and
 ``val/<task>/element_acc``, and once, at the first validation of a run, the copy-the-input
 baseline's ``val_baseline/<task>/{scene_acc,element_acc,l1,l2}``. TensorBoard images
@@ -26,11 +30,19 @@ import torch
 from torchvision.utils import make_grid
 
 from mige_lightning.images import load_rgb
-from mige_lightning.metrics import DEFAULT_CLIP_MODEL, L1Distance, L2Distance, build_metrics
+from mige_lightning.metrics import (
+    DEFAULT_CLIP_MODEL,
+    L1Distance,
+    L2Distance,
+    build_metrics,
+    clip_t_caption,
+    update_caption_scores,
+)
 from mige_lightning.prompt import Task
 from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size
 
 PIXEL = (L1Distance, L2Distance, SceneAccuracy)
+CAPTIONED = ("clip_t", "clip_dir")  # scored only on rows whose records carry captions
 
 
 class ValidationMetrics(L.Callback):
@@ -56,7 +68,7 @@ class ValidationMetrics(L.Callback):
                     clip_model=cfg.get("clip_model") or DEFAULT_CLIP_MODEL,
                     clip_pretrained=cfg.get("clip_pretrained"),
                 ).items()
-                if k in ("dino", "clip_i", "l1", "l2")
+                if k in ("dino", "clip_i", "clip_t", "clip_dir", "l1", "l2")
             }
             for task in Task
         }
@@ -89,16 +101,31 @@ class ValidationMetrics(L.Callback):
         images = [outputs["images"][i] for i in keep]
         targets = [batch["target"][i] for i in keep]
         records = [batch["items"][i].record for i in keep]
-        self._update(self.metrics[task], images, targets, records)
+        sources = [batch["source"][i] for i in keep]
+        captions = [(batch["input_caption"][i], batch["output_caption"][i]) for i in keep]
+        self._update(self.metrics[task], images, targets, records, sources, captions)
         if self.truth is not None and self._with_baseline(trainer):
             inputs = [load_rgb(self.truth[str(r.target)].input_image) for r in records]
-            self._update(self.baseline[task], inputs, targets, records)
+            self._update(self.baseline[task], inputs, targets, records, sources, captions)
         rows = self._rows.setdefault(task, [])
         if trainer.is_global_zero and len(rows) < self.grid_rows:
             rows += list(zip(records, images, strict=True))[: self.grid_rows - len(rows)]
 
-    def _update(self, metrics: dict, images: list, targets: list, records: list) -> None:
-        for metric in metrics.values():
+    def _update(
+        self, metrics: dict, images: list, targets: list, records: list, sources: list, captions: list
+    ) -> None:
+        """``captions``: (input caption, output caption) per row, None where the record has none."""
+        update_caption_scores(  # CLIP-T / CLIPdir, where configured: the rows with captions only
+            metrics,
+            images,
+            sources,
+            [clip_t_caption(i, o) for i, o in captions],
+            [i for i, _ in captions],
+            [o for _, o in captions],
+        )
+        for name, metric in metrics.items():
+            if name in CAPTIONED:
+                continue
             if isinstance(metric, SceneAccuracy):
                 samples = [self.truth[str(r.target)] for r in records]
                 metric.update(images, [s.scene for s in samples], [s.kind for s in samples])

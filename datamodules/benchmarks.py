@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import MIGEDataModule
 from datamodules.records import ManifestError
 from mige_lightning.images import decode_rgb, load_rgb
+from mige_lightning.metrics import clip_t_caption
 from mige_lightning.prompt import Task
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def read_emu_edit(root: str | Path, *, split: str = "test", limit: int | None = 
                     reference=data,  # no ground truth: outputs are compared with the source
                     # rows whose captions are identical describe no change: the authors leave
                     # them out of CLIP-T as well as CLIPdir
-                    caption=None if row["input_caption"] == row["output_caption"] else row["output_caption"],
+                    caption=clip_t_caption(row["input_caption"], row["output_caption"]),
                     input_caption=row["input_caption"],
                     output_caption=row["output_caption"],
                     meta={"emu_task": row["task"]},

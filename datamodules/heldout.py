@@ -64,7 +64,8 @@ class Rows:
 
 
 class HeldOutBatches(Dataset):
-    """One item per batch: ``{task, items, references, source, target}`` with images loaded."""
+    """One item per batch: ``{task, items, instruction, references, source, target, input_caption,
+    output_caption}`` with images loaded; a caption is None where the record has none."""
 
     def __init__(self, batches: list[list[HeldOutItem]]):
         self.batches = batches
@@ -81,6 +82,8 @@ class HeldOutBatches(Dataset):
             "references": [[load_rgb(p) for p in it.record.references] for it in items],
             "source": [load_rgb(it.record.source) if it.record.source else None for it in items],
             "target": [load_rgb(it.record.target) for it in items],
+            "input_caption": [it.record.input_caption for it in items],
+            "output_caption": [it.record.output_caption for it in items],
         }
 
 

@@ -1,7 +1,8 @@
 """Training records: the authors' manifest format (JSON list) and JSONL, read into frozen dataclasses.
 
 Field names follow the authors' files (``image``, ``multi_prompt``, ``entity_path``,
-``source_path``); the task is explicit — a ``task`` field or the manifest's task in the data
+``source_path``; optional ``input_caption`` / ``output_caption``, named as the benchmarks' caption
+columns, for the validation loop's CLIP-T and CLIPdir); the task is explicit — a ``task`` field or the manifest's task in the data
 config — and never guessed from a path. Reading never stops at the first bad record: every
 problem is collected as ``file:line: reason`` so one report lists them all (``validation.py``).
 """
@@ -57,6 +58,8 @@ class Record:
     subtask: str | None = None  # "add" / "replace" inside subject_edit
     manifest: str = ""  # the manifest file it came from
     base: str = ""  # the folder its relative paths resolve against (the manifest's or its spec's base)
+    input_caption: str | None = None  # what the source shows (CLIPdir's start), optional
+    output_caption: str | None = None  # what the target shows (CLIP-T's text, CLIPdir's end), optional
 
     @property
     def pool(self) -> str:
@@ -231,11 +234,14 @@ def parse_record(
             raise bad(
                 "wrong type", f"'{name}' must be a string, got {type(obj[name]).__name__} {obj[name]!r}"[:300]
             )
-    for name in ("task", "subtask"):
+    for name in ("task", "subtask", "input_caption", "output_caption"):
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise bad(
                 "wrong type", f"'{name}' must be a string, got {type(obj[name]).__name__} {obj[name]!r}"
             )
+    for name in ("input_caption", "output_caption"):
+        if obj.get(name) is not None and not obj[name].strip():
+            raise bad("empty caption", f"'{name}' is empty; leave the field out (or null) for no caption")
     task_value = obj.get("task", task)
     if task_value is None:  # the authors' files have none: data.manifests[i].task gives it
         raise bad("missing task", "no 'task' field and no task given for this manifest in the data config")
@@ -279,6 +285,8 @@ def parse_record(
         source=base / sources[0] if sources else None,
         origin=origin,
         subtask=sub,
+        input_caption=obj.get("input_caption"),
+        output_caption=obj.get("output_caption"),
     )
 
 

@@ -23,7 +23,14 @@ import PIL.Image
 import torch
 from torch import nn
 
-from mige_lightning.metrics import COLUMN_NAMES, CLIPImageScore, DINOScore, MeanScore, build_metrics
+from mige_lightning.metrics import (
+    COLUMN_NAMES,
+    CLIPImageScore,
+    DINOScore,
+    MeanScore,
+    build_metrics,
+    update_caption_scores,
+)
 
 SCENE_VALUES = ("scene_acc", "element_acc")  # per task / kind, from the synthetic world's judge
 CropFn = Callable[[PIL.Image.Image, PIL.Image.Image | None], PIL.Image.Image]
@@ -134,25 +141,16 @@ class BenchmarkEvaluator(nn.Module):
             if name in metrics:
                 metrics[name].update(outputs, refs)
                 rows[name] = metrics[name].last.tolist()
-        cap = [i for i, it in enumerate(items) if it.caption]
-        if "clip_t" in metrics and cap:
-            metrics["clip_t"].update([outputs[i] for i in cap], [items[i].caption for i in cap])
-            for j, i in enumerate(cap):
-                rows["clip_t"][i] = metrics["clip_t"].last[j].item()
-        dirs = [
-            i
-            for i, it in enumerate(items)
-            if it.input_caption and it.output_caption and it.source is not None
-        ]
-        if "clip_dir" in metrics and dirs:
-            metrics["clip_dir"].update(
-                [images[i]["source"] for i in dirs],
-                [outputs[i] for i in dirs],
-                [items[i].input_caption for i in dirs],
-                [items[i].output_caption for i in dirs],
+        rows.update(
+            update_caption_scores(
+                metrics,
+                outputs,
+                [images[i]["source"] if it.source is not None else None for i, it in enumerate(items)],
+                [it.caption for it in items],
+                [it.input_caption for it in items],
+                [it.output_caption for it in items],
             )
-            for j, i in enumerate(dirs):
-                rows["clip_dir"][i] = metrics["clip_dir"].last[j].item()
+        )
         return rows
 
     def update(self, outputs: list[PIL.Image.Image], items: list, images: list[dict]) -> list[dict]:

@@ -223,6 +223,49 @@ class CLIPDirectionalScore(_Backbone):
         self._accumulate(torch.where(same, torch.full_like(values, float("nan")), values))
 
 
+def clip_t_caption(input_caption: str | None, output_caption: str | None) -> str | None:
+    """The text CLIP-T scores an output against: the output caption, or none where it equals the
+    input caption — such a row describes no change, and the authors leave it out of CLIP-T as well
+    as CLIPdir. A row without an input caption (subject-driven generation) keeps its output caption."""
+    return None if output_caption == input_caption else output_caption
+
+
+def update_caption_scores(
+    metrics,
+    outputs: Sequence[PIL.Image.Image],
+    sources: Sequence[PIL.Image.Image | None],
+    captions: Sequence[str | None],
+    input_captions: Sequence[str | None],
+    output_captions: Sequence[str | None],
+) -> dict[str, list[float]]:
+    """One batch's CLIP-T and CLIPdir, as ``test`` and the validation loop score them: CLIP-T on the
+    rows with a caption (``clip_t_caption``), CLIPdir on the rows with a source and both captions
+    (identical ones skipped by the metric). Per-sample values of the metrics present in ``metrics``
+    (a name → metric mapping), NaN where a row is not scored; rows with nothing to score add nothing."""
+    n = len(outputs)
+    rows: dict[str, list[float]] = {}
+    if "clip_t" in metrics:
+        rows["clip_t"] = [float("nan")] * n
+        cap = [i for i in range(n) if captions[i]]
+        if cap:
+            metrics["clip_t"].update([outputs[i] for i in cap], [captions[i] for i in cap])
+            for j, i in enumerate(cap):
+                rows["clip_t"][i] = metrics["clip_t"].last[j].item()
+    if "clip_dir" in metrics:
+        rows["clip_dir"] = [float("nan")] * n
+        dirs = [i for i in range(n) if input_captions[i] and output_captions[i] and sources[i] is not None]
+        if dirs:
+            metrics["clip_dir"].update(
+                [sources[i] for i in dirs],
+                [outputs[i] for i in dirs],
+                [input_captions[i] for i in dirs],
+                [output_captions[i] for i in dirs],
+            )
+            for j, i in enumerate(dirs):
+                rows["clip_dir"][i] = metrics["clip_dir"].last[j].item()
+    return rows
+
+
 class _PixelError(MeanScore):
     higher_is_better = False
     power = 1

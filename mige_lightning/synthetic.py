@@ -11,7 +11,9 @@ description its instruction is written from, for all three tasks:
 
 Output: images plus per-task manifests in the authors' format (JSON lists with ``image``,
 ``multi_prompt``, ``entity_path``, ``source_path``; ``subtask`` for subject_edit; plus ``kind`` and
-the target's ``scene`` for the pixel judge, which the loader ignores), for a train and
+the target's ``scene`` for the pixel judge, which the loader ignores; held-out records also carry
+``output_caption`` and, with a source, ``input_caption``: the scenes' captions, for the validation
+loop's CLIP-T and CLIPdir), for a train and
 a held-out split (``<root>/{train,heldout}_{subject,edit,subject_edit}.json``), so the demo reads it through exactly the loader real data uses.
 """
 
@@ -37,6 +39,33 @@ SIZES = {"small": 0.09, "large": 0.15}  # half-extent, fraction of the width (sl
 REFERENCE_BACKGROUND = (255, 255, 255)
 TASK_FILES = {"subject": "subject.json", "edit": "edit.json", "subject_edit": "subject_edit.json"}
 KINDS = ("subject", "edit", "add", "replace")
+SLOT_ORDER = tuple(POSITIONS)  # left, center, right
+
+
+def sprite_name(sprite: dict) -> str:
+    """A reference's words: ``red circle`` (its size and place come from the instruction)."""
+    return f"{sprite['colour']} {sprite['shape']}"
+
+
+def caption(scene: dict) -> str:
+    """A scene's caption, sprites left to right: ``a large red circle on the left and a small blue
+    square on the right, on a pink background``; an empty scene is ``a pink background``."""
+    sprites = sorted(scene["sprites"], key=lambda s: SLOT_ORDER.index(s["position"]))
+    phrase = " and ".join(f"a {s['size']} {sprite_name(s)} on the {s['position']}" for s in sprites)
+    return (
+        f"{phrase}, on a {scene['background']} background"
+        if phrase
+        else f"a {scene['background']} background"
+    )
+
+
+def scene_captions(record: dict) -> dict[str, str]:
+    """A record's manifest captions from its scene truth: ``output_caption`` (the target scene) and,
+    where it has a source, ``input_caption`` (the source scene)."""
+    out = {"output_caption": caption(record["scene"])}
+    if "source_scene" in record:
+        out = {"input_caption": caption(record["source_scene"]), **out}
+    return out
 
 
 @dataclass(frozen=True)
@@ -78,9 +107,17 @@ def render_reference(sprite: Sprite, *, size: int) -> Image.Image:
 
 class _World:
     def __init__(
-        self, root: Path, *, size: int, rng: random.Random, prefix: str, exclude: frozenset[str] = frozenset()
+        self,
+        root: Path,
+        *,
+        size: int,
+        rng: random.Random,
+        prefix: str,
+        exclude: frozenset[str] = frozenset(),
+        captions: bool = False,
     ):
         self.root, self.size, self.rng, self.prefix = root, size, rng, prefix
+        self.captions = captions  # write the scenes' captions into each record (the held-out split)
         self.records: dict[str, list[dict]] = {task: [] for task in TASK_FILES}
         self.count = 0
         self.exclude = exclude  # sample keys this split must not contain (the held-out split's)
@@ -237,7 +274,7 @@ class _World:
                     break
             else:
                 raise RuntimeError("could not draw a sample outside the held-out split in 1000 tries")
-            self.records[task].append(record)
+            self.records[task].append({**record, **scene_captions(record)} if self.captions else record)
             self.keys.add(key)
             for img, rel in self._pending:
                 img.save(self.root / rel)
@@ -267,7 +304,12 @@ def generate(
         ("train", num_samples - n_heldout, seed),
     ):
         world = _World(
-            root, size=size, rng=random.Random(split_seed), prefix=f"{split}_", exclude=heldout_keys
+            root,
+            size=size,
+            rng=random.Random(split_seed),
+            prefix=f"{split}_",
+            exclude=heldout_keys,
+            captions=split == "heldout",
         )
         world.run(n)
         heldout_keys = frozenset(world.keys)

@@ -15,26 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mige_lightning.prompt import split_placeholders
-from mige_lightning.synthetic import POSITIONS, manifest_specs
 
-SLOT_ORDER = tuple(POSITIONS)  # left, center, right
-
-
-def sprite_name(sprite: dict) -> str:
-    """A reference's words: ``red circle`` (its size and place come from the instruction)."""
-    return f"{sprite['colour']} {sprite['shape']}"
-
-
-def caption(scene: dict) -> str:
-    """A scene's caption, sprites left to right: ``a large red circle on the left and a small blue
-    square on the right, on a pink background``; an empty scene is ``a pink background``."""
-    sprites = sorted(scene["sprites"], key=lambda s: SLOT_ORDER.index(s["position"]))
-    phrase = " and ".join(f"a {s['size']} {sprite_name(s)} on the {s['position']}" for s in sprites)
-    return (
-        f"{phrase}, on a {scene['background']} background"
-        if phrase
-        else f"a {scene['background']} background"
-    )
+# the words of a scene live with the scenes (mige_lightning.synthetic): the held-out manifests carry
+# the same captions for the validation loop
+from mige_lightning.synthetic import SLOT_ORDER, caption, manifest_specs, sprite_name
 
 
 def scene_key(scene: dict) -> str:

@@ -197,10 +197,16 @@ class Probe(L.Callback):
 
 class ValidationProbe(L.Callback):
     """After the validation epoch: each rank's own count of scored records per
-    task (its L1 metric's local state; ``compute`` syncs only a copy) and the values logged."""
+    task (its L1 metric's local state; ``compute`` syncs only a copy) and the values logged.
+    ``clip_cfg``: a folder of open_clip model configs to register in this process (the tiny saved
+    CLIP of ``tests/metric_backbones.py``), before the validation callback builds its metrics."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, clip_cfg: str | None = None):
         self.out = Path(out)
+        if clip_cfg:
+            import open_clip
+
+            open_clip.add_model_config(clip_cfg)
 
     def on_validation_end(self, trainer, pl_module) -> None:  # the epoch's values are logged by now
         from callbacks.validation_metrics import ValidationMetrics

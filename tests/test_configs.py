@@ -247,13 +247,50 @@ def test_paper_config_runs_sharded_by_itself_with_covered_pools(tmp_path, monkey
     cli = main(["--config", str(REPO / "configs/mige_xl.yaml"), "--trainer.accelerator=cpu"], run=False)
     strategy = cli.trainer.strategy
     assert isinstance(strategy, ModelParallelStrategy)
-    assert strategy._data_parallel_size == cli.trainer.num_devices * cli.trainer.num_nodes == 4
+    assert strategy.resolved_data_parallel_size() == cli.trainer.num_devices * cli.trainer.num_nodes == 4
     assert cli.trainer.precision == "32-true" and cli.model.hparams.fsdp_mixed_precision
     assert cli.model.hparams.lr == pytest.approx(1e-5 * math.sqrt(32 / 256), rel=1e-3)
     pools = {
         f"{m['task']}/{m['subtask']}" if m.get("subtask") else m["task"]: 1 for m in cli.datamodule.manifests
     }
     check_pool_weights(pools, cli.datamodule.task_weights)  # raises on a pool without a weight
+
+
+@pytest.mark.parametrize(
+    ("configs", "args", "world"),
+    [
+        (["configs/mige_xl.yaml"], ["--trainer.devices=8"], 8),
+        (["configs/mige_xl.yaml", "configs/trainer/fsdp.yaml"], ["--trainer.devices=8"], 8),
+        (
+            ["configs/mige_xl.yaml", "configs/trainer/fsdp.yaml"],
+            ["--trainer.devices=4", "--trainer.num_nodes=2"],
+            8,
+        ),
+        (["configs/mige_xl.yaml", "configs/trainer/fsdp.yaml"], [], 2),  # the overlay's devices: 2
+    ],
+)
+def test_data_parallel_size_follows_the_world_size(tmp_path, monkeypatch, configs, args, world):
+    """With tensor parallelism 1 the FSDP2 group is every rank: one override (devices / nodes)
+    moves it, and the device mesh Lightning builds covers the whole world (its own "auto" would
+    give the number of nodes, and a fixed size in the config would refuse the new world)."""
+    from unittest import mock
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    monkeypatch.chdir(tmp_path)
+    config_args = [a for c in configs for a in ("--config", str(REPO / c))]
+    cli = main([*config_args, "--trainer.accelerator=cpu", *args], run=False)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy.num_nodes * strategy.num_processes == world
+    strategy._lightning_module = cli.model  # what the trainer attaches before setting up
+    with (
+        mock.patch.object(strategy, "_setup_distributed"),
+        mock.patch("lightning.pytorch.strategies.model_parallel._setup_device_mesh") as mesh,
+    ):
+        strategy.setup_environment()
+    dp, tp, world_size = mesh.call_args.args[:3]
+    assert (dp, tp) == (world, 1) and dp * tp == world
 
 
 def test_pools_without_a_weight_fail_before_the_model_is_built(tmp_path, monkeypatch):

@@ -123,6 +123,42 @@ def test_fusion_is_identity_at_init_and_not_after_a_step():
     assert not torch.allclose(fusion(s, v), identity, atol=1e-4)
 
 
+def _fusion_linears(fusion: FeatureFusion) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in fusion.named_modules() if isinstance(m, torch.nn.Linear) and n != "out_proj"}
+
+
+def test_fusion_linears_start_as_the_authors_trunc_normal_with_zero_biases():
+    """The authors' ``FFM._init_weights``: every linear but the zero output projection draws
+    ``trunc_normal_(std=0.02)`` (torch's default cut at ±2, i.e. effectively untruncated at this
+    std) and zero biases; PyTorch's default (uniform ±1/sqrt(fan_in), random biases) is not it."""
+    torch.manual_seed(0)
+    fusion = FeatureFusion(256, 384, num_heads=4)
+    linears = _fusion_linears(fusion)
+    assert set(linears) == {"q_proj", "k_mlp.0", "k_mlp.2", "v_mlp.0", "v_mlp.2", "attn.out_proj"}
+    for name, layer in linears.items():
+        w = layer.weight
+        assert w.numel() >= 256 * 256
+        assert abs(w.std().item() - 0.02) < 0.02 * 0.03, name  # ~0.3 % sampling error at this size
+        assert abs(w.mean().item()) < 0.02 * 0.02, name
+        assert w.abs().max().item() <= 2.0, name  # trunc_normal_'s bounds
+        # a normal, not cut at ±2σ like the uniform default or a 2σ-truncated draw: ~4.6 % beyond
+        beyond = (w.abs() > 2 * 0.02).float().mean().item()
+        assert 0.03 < beyond < 0.06, name
+        assert layer.bias is None or torch.count_nonzero(layer.bias) == 0, name
+    assert torch.count_nonzero(fusion.out_proj.weight) == 0 and torch.count_nonzero(fusion.out_proj.bias) == 0
+    # the packed in-projection is no nn.Linear: nn.MultiheadAttention's own xavier weight, zero bias
+    assert torch.count_nonzero(fusion.attn.in_proj_bias) == 0
+
+
+def test_built_models_fusion_keeps_the_authors_init(tiny_model):
+    """Through ``models/init.py`` (seeded per module, children first) the fusion's own rule wins."""
+    fusion = tiny_model.encoder.adapter.fusion
+    for name, layer in _fusion_linears(fusion).items():
+        assert layer.bias is None or torch.count_nonzero(layer.bias) == 0, name
+        assert 0.01 < layer.weight.std().item() < 0.03, name
+    assert torch.count_nonzero(fusion.out_proj.weight) == 0
+
+
 def test_gradients_reach_trainable_parts_and_never_frozen_ones(tiny_config):
     torch.manual_seed(0)
     module = MIGELightningModule("tiny", p_drop_condition=0, p_drop_input=0, p_drop_both=0)

@@ -77,6 +77,37 @@ def test_subtask_from_record_or_manifest(tmp_path):
 GOOD = {"image": "t.png", "multi_prompt": "a <imagehere>", "entity_path": ["r.png"], "task": "subject"}
 
 
+def test_optional_captions_are_read_and_their_types_checked(tmp_path):
+    """``input_caption`` / ``output_caption`` (the benchmarks' caption names) for the validation
+    loop's CLIP-T and CLIPdir: optional, strings, and a bad one is reported as file:line: record N."""
+    _img(tmp_path / "t.png")
+    _img(tmp_path / "r.png")
+    lines = [
+        {**GOOD, "input_caption": "a pink background", "output_caption": "a red circle on the left"},
+        {**GOOD, "output_caption": "a red circle on the left"},
+        {**GOOD, "input_caption": None, "output_caption": None},
+        GOOD,
+        {**GOOD, "output_caption": 3},
+        {**GOOD, "input_caption": ["a"]},
+        {**GOOD, "output_caption": "  "},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recs, problems = read_manifest(manifest)
+    assert [(r.input_caption, r.output_caption) for r in recs] == [
+        ("a pink background", "a red circle on the left"),
+        (None, "a red circle on the left"),
+        (None, None),
+        (None, None),
+    ]
+    assert [str(p) for p in problems] == [
+        f"{manifest}:5: record 5: 'output_caption' must be a string, got int 3",
+        f"{manifest}:6: record 6: 'input_caption' must be a string, got list ['a']",
+        f"{manifest}:7: record 7: 'output_caption' is empty; leave the field out (or null) for no caption",
+    ]
+    assert [p.kind for p in problems] == ["wrong type", "wrong type", "empty caption"]
+
+
 def _bad_cases(tmp_path):
     """(manifest line, expected reason) for every bad-record kind the issue names."""
     _img(tmp_path / "t.png")

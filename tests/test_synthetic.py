@@ -180,6 +180,31 @@ def test_world_is_deterministic_and_has_a_disjoint_heldout_split(tmp_path):
     assert open(c["train"][0]["path"]).read() != open(a["train"][0]["path"]).read()
 
 
+def test_heldout_records_carry_their_scenes_captions(world):
+    """For the validation loop's CLIP-T / CLIPdir: a held-out record's ``output_caption`` describes
+    its target scene, ``input_caption`` its source scene (tasks with a source); training records
+    carry none."""
+    from mige_world.describe import caption
+
+    root, specs = world
+    seen = set()
+    for spec in specs["heldout"]:
+        raw = json.loads(open(spec["path"]).read())
+        recs, problems = read_manifest(spec["path"], task=spec["task"])
+        assert problems == [] and len(recs) == len(raw) > 0
+        for rec, obj in zip(recs, raw, strict=True):
+            assert rec.output_caption == caption(obj["scene"])
+            assert rec.input_caption == (caption(obj["source_scene"]) if rec.source else None)
+            assert rec.input_caption != rec.output_caption  # every held-out sample changes its scene
+            seen.add(rec.task)
+    assert seen == set(Task)
+    for spec in specs["train"]:
+        recs, _ = read_manifest(spec["path"], task=spec["task"])
+        assert all(r.input_caption is None and r.output_caption is None for r in recs)
+    edit = json.loads((root / "heldout_edit.json").read_text())[0]
+    assert edit["output_caption"].endswith("background") and edit["output_caption"].startswith("a ")
+
+
 def test_no_heldout_task_instance_occurs_in_training(tmp_path):
     """Held-out requests stay unseen: a small world (many repeats by chance) has none in training."""
     from mige_lightning.synthetic import TASK_FILES, sample_key

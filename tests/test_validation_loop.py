@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import PIL.Image
 import pytest
+import torch
 import yaml
 
 from datamodules.heldout import shard_heldout
 from datamodules.records import Record
 from mige_cli.main import main
+from mige_lightning.images import load_rgb
 from mige_lightning.prompt import Task
 from tests.conftest import FROM_SCRATCH
 from tests.fsdp_probe import cli_env, fit_command
@@ -44,10 +49,132 @@ def test_each_record_is_scored_once_and_ranks_run_the_same_batches(world, counts
     assert sorted(scored, key=id) == sorted(records, key=id) and len(set(map(id, scored))) == len(records)
 
 
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    from tests.metric_backbones import save_tiny_backbones
+
+    return save_tiny_backbones(tmp_path_factory.mktemp("backbones"))
+
+
+def test_validation_logs_clip_t_and_clip_dir_where_records_carry_captions(tmp_path, backbones):
+    """CLIP-T and CLIPdir in the validation loop: logged for a task whose held-out records carry
+    captions, absent for one whose records carry none, and equal to ``test``'s values (the
+    benchmark evaluator) on the same images and captions — identical captions skipped by both."""
+    from callbacks.validation_metrics import ValidationMetrics
+    from datamodules.benchmarks import EvalItem
+    from datamodules.heldout import HeldOutBatches, HeldOutItem
+    from mige_lightning.evaluation import BenchmarkEvaluator
+
+    def image(name, seed):
+        path = tmp_path / name
+        rng = np.random.default_rng(seed)
+        PIL.Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+        return path
+
+    def rec(task, i, captions=(None, None), source=True):
+        src = image(f"{task.value}{i}_src.png", 100 + i) if source else None
+        return Record(
+            task=task,
+            target=image(f"{task.value}{i}.png", i),
+            instruction=f"{task.value} {i}",
+            references=(),
+            source=src,
+            origin=f"m.json:{i + 1}: record {i + 1}",
+            input_caption=captions[0],
+            output_caption=captions[1],
+        )
+
+    edits = [
+        rec(Task.EDIT, 0, ("a red circle", "a blue circle")),
+        rec(Task.EDIT, 1, ("a green square", "a green square")),  # no change described: skipped
+        rec(Task.EDIT, 2, ("a pink background", "a large red circle on a pink background")),
+        rec(Task.EDIT, 3),  # no captions: none of the caption metrics
+    ]
+    subject = [rec(Task.SUBJECT, 4, source=False)]  # no captions anywhere in this task
+    subject_edit = [rec(Task.SUBJECT_EDIT, 5, (None, "a red circle and a blue square"))]  # no input
+    padding = HeldOutItem(edits[0], 0, False)  # a copy that keeps ranks in step: never scored
+    batches = HeldOutBatches(
+        [
+            [HeldOutItem(r, i, True) for i, r in enumerate(edits[:3])],
+            [HeldOutItem(edits[3], 3, True), padding],
+            [HeldOutItem(subject[0], 0, True)],
+            [HeldOutItem(subject_edit[0], 0, True)],
+        ]
+    )
+    outputs = {r.target: image(f"out{i}.png", 200 + i) for i, r in enumerate(edits + subject + subject_edit)}
+
+    logged = {}
+    pl_module = SimpleNamespace(
+        hparams=SimpleNamespace(eval_metrics=backbones_cfg(backbones)),
+        device=torch.device("cpu"),
+        log=lambda name, value, **_: logged.__setitem__(name, value),
+    )
+    trainer = SimpleNamespace(
+        datamodule=None, sanity_checking=False, is_global_zero=True, state=SimpleNamespace(fn="validate")
+    )
+    callback = ValidationMetrics(log_images=False)
+    callback.setup(trainer, pl_module, "validate")
+    callback.on_validation_epoch_start(trainer, pl_module)
+    for i in range(len(batches)):
+        batch = batches[i]
+        images = {"images": [load_rgb(outputs[it.record.target]) for it in batch["items"]]}
+        callback.on_validation_batch_end(trainer, pl_module, images, batch, i)
+    callback.on_validation_epoch_end(trainer, pl_module)
+
+    for task in ("edit", "subject", "subject_edit"):
+        assert {f"val/{task}/{k}" for k in ("dino", "clip_i", "l1", "l2")} <= set(logged)
+    assert {"val/edit/clip_t", "val/edit/clip_dir", "val/subject_edit/clip_t"} <= set(logged)
+    assert not {"val/subject/clip_t", "val/subject/clip_dir", "val/subject_edit/clip_dir"} & set(logged)
+
+    # test's path on the same images and captions, the items as the benchmark loaders write them
+    # (Emu Edit: no CLIP-T caption where the two captions are the same)
+    def scored(records, captions):
+        evaluator = BenchmarkEvaluator(**backbones_cfg(backbones))
+        items = [
+            EvalItem(
+                id=str(i),
+                task=r.task,
+                instruction=r.instruction,
+                images=(),
+                source=str(r.source) if r.source else None,
+                reference=str(r.target),
+                caption=c,
+                input_caption=r.input_caption,
+                output_caption=r.output_caption,
+            )
+            for i, (r, c) in enumerate(zip(records, captions, strict=True))
+        ]
+        evaluator.update(
+            [load_rgb(outputs[r.target]) for r in records],
+            items,
+            [
+                {"reference": load_rgb(r.target), "source": load_rgb(r.source) if r.source else None}
+                for r in records
+            ],
+        )
+        return {k: m.compute().item() for k, m in evaluator.model_metrics.items() if m.count > 0}
+
+    edit = scored(edits, ["a blue circle", None, "a large red circle on a pink background", None])
+    assert edit["clip_dir"] == pytest.approx(logged["val/edit/clip_dir"], abs=1e-6)
+    assert edit["clip_t"] == pytest.approx(logged["val/edit/clip_t"], abs=1e-6)
+    assert edit["l1"] == pytest.approx(logged["val/edit/l1"], abs=1e-6)
+    assert (
+        callback.metrics[Task.EDIT]["clip_t"].count == 2
+        and callback.metrics[Task.EDIT]["clip_dir"].count == 2
+    )
+    other = scored(subject_edit, ["a red circle and a blue square"])
+    assert other["clip_t"] == pytest.approx(logged["val/subject_edit/clip_t"], abs=1e-6)
+
+
+def backbones_cfg(backbones: dict) -> dict:
+    return {k: backbones[k] for k in ("dino", "clip_model", "clip_pretrained")}
+
+
 @pytest.mark.slow
-def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path):
+def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path, backbones):
     """Rank 1 has no record of its own; it runs the padding forwards and scores nothing. (Before
-    Lightning's loop, the callback's ``metric.update([], [])`` crashed on ``torch.stack([])``.)"""
+    Lightning's loop, the callback's ``metric.update([], [])`` crashed on ``torch.stack([])``.)
+    With tiny saved backbones, all six metrics: the world's held-out records carry captions."""
     probe = tmp_path / "probe"
     overlay = {
         "trainer": {
@@ -59,7 +186,10 @@ def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path):
             "callbacks": [
                 {"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9}},
                 {"class_path": "callbacks.validation_metrics.ValidationMetrics"},
-                {"class_path": "tests.fsdp_probe.ValidationProbe", "init_args": {"out": str(probe)}},
+                {
+                    "class_path": "tests.fsdp_probe.ValidationProbe",
+                    "init_args": {"out": str(probe), "clip_cfg": backbones["clip_cfg"]},
+                },
             ],
         },
         "data": {
@@ -73,6 +203,7 @@ def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path):
             "pretrained": {"tokenizer": "words", "t5": None},  # a from-scratch T5, as tests/fsdp_probe.py
             "warmup_steps": 1,
             "eval_num_inference_steps": 2,
+            "eval_metrics": backbones_cfg(backbones),
         },
     }
     path = tmp_path / "overlay.yaml"
@@ -89,7 +220,13 @@ def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path):
         assert ranks[1]["counts"][task] == 0  # rank 1 had none of its own
         values = [r["logged"][f"val/{task}/l1"] for r in ranks]
         assert values[0] == values[1] and 0 < values[0] < 1  # the same synced value on both ranks
+        # all six (CLIPdir needs a source: not for subject-driven generation), synced
+        names = ("dino", "clip_i", "clip_t", "l1", "l2") + (("clip_dir",) if task != "subject" else ())
+        for name in names:
+            values = [r["logged"].get(f"val/{task}/{name}") for r in ranks]
+            assert values[0] is not None and values[0] == values[1], (task, name, values)
         assert f"val/{task}/scene_acc" in ranks[0]["logged"]
+    assert "val/subject/clip_dir" not in ranks[0]["logged"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """What MIGE adds between its pretrained parts, as one savable diffusers model.
 
 Learned Q-Former queries, the feature fusion, the projection into T5's embedding space and the
-fixed null condition (PixArt's ``y_embedding``) live together here so that the whole model saves
+fixed null condition (in PixArt's ``y_embedding`` slot, but a fresh draw, as the authors' — not
+PixArt's trained one) live together here so that the whole model saves
 and loads with ``save_pretrained`` / ``from_pretrained`` like every other component.
 """
 
@@ -47,7 +48,8 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, query_dim) * init_std)  # [1, Q, Dq]
         self.fusion = FeatureFusion(query_dim, visual_dim, num_heads=num_heads, query_bias=fusion_query_bias)
         self.projection = nn.Linear(query_dim, text_dim)
-        # PixArt-style fixed random null caption; replaced by the checkpoint's when one is given
+        # fixed random null caption, drawn fresh as the authors do (their y_embedding is not PixArt's);
+        # replaced by the checkpoint's (or model.pretrained.null_embedding) when one is given
         self.register_buffer("null_condition", null_caption(null_length, text_dim))  # persistent
 
     @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+INIT_STD = 0.02  # the authors' FFM._init_weights: trunc_normal_(std=.02), zero biases
+
 
 class FeatureFusion(nn.Module):
     """``out = LN(f_s + W_o · MHA(LN(W_q f_s), LN(MLP_k f_v), LN(MLP_v f_v)))``.
@@ -12,6 +14,13 @@ class FeatureFusion(nn.Module):
     ``W_o`` is zero-initialised, so at initialisation the module is ``LN(f_s)``: fusion starts as
     the identity (up to its LayerNorm) and the pretrained Q-Former semantics pass through unchanged
     until training learns to mix in visual detail.
+
+    Initialisation is the authors' (``FFM._init_weights``, applied again after their model's own
+    init): every ``nn.Linear`` inside — ``W_q``, both layers of the k/v MLPs and the attention's
+    output projection — gets ``trunc_normal_(std=0.02)`` weights (PyTorch's default cut at ±2, not
+    ±2σ) and zero biases; LayerNorms ones/zeros; the attention's packed in-projection keeps
+    ``nn.MultiheadAttention``'s xavier-uniform weight and zero bias (it is no ``nn.Linear``); and
+    ``W_o`` ends up zero.
     """
 
     def __init__(
@@ -35,8 +44,16 @@ class FeatureFusion(nn.Module):
         self.out_norm = nn.LayerNorm(semantic_dim, eps=eps)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """This module's own rule (its layers reset themselves first): the zero output projection."""
+        """This module's own rule, run after its layers reset themselves (``models/init.py`` visits
+        children first): the authors' truncated normal for every linear inside, then the zero
+        output projection."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # the MHA's out_proj too (an nn.Linear subclass)
+                nn.init.trunc_normal_(module.weight, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 

@@ -65,8 +65,10 @@ class MIGE(nn.Module):
 
     @property
     def null_condition(self) -> torch.Tensor:
-        """PixArt's fixed null caption (y_embedding), [L, D]: replaces the encoder *output* when the
-        condition is dropped, which is what classifier-free guidance samples against."""
+        """The fixed null condition, [L, D] (a buffer in PixArt's ``y_embedding`` slot, but MIGE's own:
+        the authors draw a fresh ``randn / sqrt(D)`` when building for training, never PixArt's):
+        replaces the encoder *output* when the condition is dropped, which is what classifier-free
+        guidance samples against."""
         return self.encoder.adapter.null_condition
 
     @property
