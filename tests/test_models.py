@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mige_lightning.models import build_mige
 from mige_lightning.models.dit import build_dit
 from mige_lightning.models.fusion import FeatureFusion
 from mige_lightning.module import MIGELightningModule
@@ -157,6 +160,23 @@ def test_built_models_fusion_keeps_the_authors_init(tiny_model):
         assert layer.bias is None or torch.count_nonzero(layer.bias) == 0, name
         assert 0.01 < layer.weight.std().item() < 0.03, name
     assert torch.count_nonzero(fusion.out_proj.weight) == 0
+
+
+def test_fusion_init_pytorch_keeps_the_linears_own_draws(tiny_config):
+    """``fusion_init: pytorch`` (the demo's choice, docs/BENCHMARKS.md): nn.Linear's defaults stay
+    (non-zero biases, kaiming-uniform weights), W_o still zero; an unknown value is refused."""
+    from dataclasses import replace
+
+    model = build_mige(replace(tiny_config, fusion_init="pytorch"), seed=0)
+    fusion = model.encoder.adapter.fusion
+    linears = _fusion_linears(fusion)
+    assert torch.count_nonzero(linears["k_mlp.0"].bias) > 0  # (MHA zeroes its own out_proj's bias)
+    for name, layer in linears.items():
+        bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=√5): U(-1/√fan_in, 1/√fan_in)
+        assert layer.weight.abs().max().item() <= bound + 1e-6, name
+    assert torch.count_nonzero(fusion.out_proj.weight) == 0
+    with pytest.raises(ValueError, match="fusion_init: 'xavier'"):
+        build_mige(replace(tiny_config, fusion_init="xavier"), seed=0)
 
 
 def test_gradients_reach_trainable_parts_and_never_frozen_ones(tiny_config):

@@ -37,6 +37,7 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
         null_length: int = 256,
         init_std: float = 0.02,
         fusion_query_bias: bool = True,
+        fusion_init: str = "authors",
         reference_latent_scaling: bool = True,
         fusion_position_embedding: bool = True,
         null_condition_length: str = "full",
@@ -46,7 +47,9 @@ class ConditionAdapter(ModelMixin, ConfigMixin):
         trained with."""
         super().__init__()
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, query_dim) * init_std)  # [1, Q, Dq]
-        self.fusion = FeatureFusion(query_dim, visual_dim, num_heads=num_heads, query_bias=fusion_query_bias)
+        self.fusion = FeatureFusion(
+            query_dim, visual_dim, num_heads=num_heads, query_bias=fusion_query_bias, init=fusion_init
+        )
         self.projection = nn.Linear(query_dim, text_dim)
         # fixed random null caption, drawn fresh as the authors do (their y_embedding is not PixArt's);
         # replaced by the checkpoint's (or model.pretrained.null_embedding) when one is given

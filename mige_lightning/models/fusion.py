@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 INIT_STD = 0.02  # the authors' FFM._init_weights: trunc_normal_(std=.02), zero biases
+FUSION_INITS = ("authors", "pytorch")  # MIGEConfig.fusion_init
 
 
 class FeatureFusion(nn.Module):
@@ -20,7 +21,7 @@ class FeatureFusion(nn.Module):
     output projection — gets ``trunc_normal_(std=0.02)`` weights (PyTorch's default cut at ±2, not
     ±2σ) and zero biases; LayerNorms ones/zeros; the attention's packed in-projection keeps
     ``nn.MultiheadAttention``'s xavier-uniform weight and zero bias (it is no ``nn.Linear``); and
-    ``W_o`` ends up zero.
+    ``W_o`` ends up zero. ``init="pytorch"`` keeps ``nn.Linear``'s own draws (``W_o`` still zero).
     """
 
     def __init__(
@@ -31,8 +32,12 @@ class FeatureFusion(nn.Module):
         num_heads: int = 8,
         eps: float = 1e-6,
         query_bias: bool = True,
+        init: str = "authors",
     ):
         super().__init__()
+        if init not in FUSION_INITS:
+            raise ValueError(f"fusion_init: {init!r}; choose one of {FUSION_INITS}")
+        self.init = init
         self.q_proj = nn.Linear(semantic_dim, semantic_dim, bias=query_bias)  # authors: no bias
         self.k_mlp = self._mlp(visual_dim, semantic_dim)
         self.v_mlp = self._mlp(visual_dim, semantic_dim)
@@ -49,7 +54,7 @@ class FeatureFusion(nn.Module):
         """This module's own rule, run after its layers reset themselves (``models/init.py`` visits
         children first): the authors' truncated normal for every linear inside, then the zero
         output projection."""
-        for module in self.modules():
+        for module in self.modules() if self.init == "authors" else ():
             if isinstance(module, nn.Linear):  # the MHA's out_proj too (an nn.Linear subclass)
                 nn.init.trunc_normal_(module.weight, std=INIT_STD)
                 if module.bias is not None:

@@ -337,6 +337,7 @@ def _build(
         null_length=config.max_length,
         init_std=qformer.config.initializer_range,
         fusion_query_bias=config.fusion_query_bias,
+        fusion_init=config.fusion_init,
         reference_latent_scaling=config.reference_latent_scaling,
         fusion_position_embedding=config.fusion_position_embedding,
         null_condition_length=config.null_condition_length,

@@ -57,6 +57,9 @@ class MIGEConfig:
     reference_latent_scaling: bool = True  # VAE-scaled latents (×0.18215) into fusion; authors: raw
     fusion_position_embedding: bool = True  # sin-cos position table on fusion tokens; authors: none
     fusion_query_bias: bool = True  # bias on the fusion module's query projection; authors: none
+    # how a fresh fusion module's linears are drawn: "authors" (trunc-normal std 0.02, zero biases:
+    # their FFM._init_weights) or "pytorch" (nn.Linear's defaults); W_o is zero either way
+    fusion_init: str = "authors"
     null_condition_length: str = "full"  # "full" rows, or "prompt": the first L rows, L = the prompt's length
     train_vision_norm: bool = False  # the ViT's final LayerNorm trains with the rest; authors: yes
     # T5 trains with the rest (paper §3.3); false keeps a pretrained text encoder as loaded
