@@ -425,13 +425,8 @@ class PoolMixer:
             self.step += 1
             yield collate(samples)
 
-    def state_dict(self) -> dict[str, Any]:
-        local = {
-            "rank": self.rank,
-            "epoch": self.epoch,
-            "step": self.step,
-            "pools": {key: loader.state_dict() for key, loader in zip(self.keys, self.loaders, strict=True)},
-        }
+    def _settings(self) -> dict[str, Any]:
+        """What a saved state must have been made with to resume here (checked on loading)."""
         return {
             "shards_id": self.shards_id,
             "seed": self.seed,
@@ -440,8 +435,16 @@ class PoolMixer:
             "world_size": self.world_size,
             "pools": list(self.keys),
             "weights": [float(p) for p in self.probs],
-            "ranks": gather_objects(local),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        local = {
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "step": self.step,
+            "pools": {key: loader.state_dict() for key, loader in zip(self.keys, self.loaders, strict=True)},
+        }
+        return {**self._settings(), "ranks": gather_objects(local)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -451,15 +454,7 @@ class PoolMixer:
                 f"the checkpoint's training-data state {sorted(state)} is not the streaming loader's "
                 "(made with data.manifests / data.synthetic?): resuming mid-epoch needs the same data source"
             )
-        mine = {
-            "shards_id": self.shards_id,
-            "seed": self.seed,
-            "samples_per_epoch": self.samples_per_epoch,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "pools": list(self.keys),
-            "weights": [float(p) for p in self.probs],
-        }
+        mine = self._settings()
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(
