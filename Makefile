@@ -36,16 +36,16 @@ predict-demo: $(STAMP) ## sample the held-out requests with the newest demo chec
 	$(BIN)/python -m mige_lightning judge-synthetic --world data/demo --predictions predictions/demo
 
 replicate-mutual: $(STAMP) ## joint vs single-task training on the synthetic world, 4 settings × 3 seeds (~1 h) → docs/RESULTS.md
-	$(BIN)/python bench/replicate_mutual.py
+	$(BIN)/python -m bench.replicate_mutual
 
 bench-pretraining: $(STAMP) ## the demo's fine-tuning from none, some or all of the pretrained components (~40 min) → docs/RESULTS.md
-	$(BIN)/python bench/pretraining_gain.py
+	$(BIN)/python -m bench.pretraining_gain
 
 bench-curve: $(STAMP) ## the demo's held-out scene accuracy against wall time, 30 minutes
-	$(BIN)/python bench/learning_curve.py --minutes 30 --every 700
+	$(BIN)/python -m bench.learning_curve --minutes 30 --every 700
 
 bench-targets: $(STAMP) ## epsilon vs v vs x0 prediction (and min-SNR) on the demo at equal steps (~12 min)
-	$(BIN)/python bench/compare_targets.py --steps 400
+	$(BIN)/python -m bench.compare_targets --steps 400
 
 test: $(STAMP) ## run the whole test suite (slow tests included, as CI does)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -62,19 +62,19 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 bench: $(STAMP) ## train-step time and peak memory (tiny + mid presets, CPU)
-	$(BIN)/python bench/train_step.py
+	$(BIN)/python -m bench.train_step
 
 bench-data: $(STAMP) ## data-loading samples/s at 512 px with and without the latent cache (~4 min)
-	$(BIN)/python bench/dataloader.py
+	$(BIN)/python -m bench.dataloader
 
 bench-streaming: $(STAMP) ## loader samples/s per worker at 512 px: file loader vs litdata shards (images, latents); task mix (~5 min)
-	$(BIN)/python bench/streaming_loader.py
+	$(BIN)/python -m bench.streaming_loader
 
 bench-sample: $(STAMP) ## seconds per image per task (tiny, mid) and guidance overhead, CPU
-	$(BIN)/python bench/sample.py
+	$(BIN)/python -m bench.sample
 
 bench-fsdp: $(STAMP) ## per-rank params/grads/AdamW bytes under FSDP2: 1 vs 2 CPU ranks, xl at 8–64 GPUs
-	OMP_NUM_THREADS=1 $(BIN)/python bench/fsdp_memory.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.fsdp_memory
 
 slurm-dry-run: ## print the SLURM job script slurm-submit would submit (NODES, GPUS_PER_NODE, SLURM_CONFIG)
 	@NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) CONFIG="$(SLURM_CONFIG)" scripts/slurm/submit.sh --dry-run

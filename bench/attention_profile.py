@@ -1,6 +1,6 @@
 """Which attention kernel each attention of a training step runs (issue 12 benchmark).
 
-    .venv/bin/python bench/attention_profile.py [--preset mid] [--device cpu] [--eval]
+    .venv/bin/python -m bench.attention_profile [--preset mid] [--device cpu] [--eval]
 
 The forward of one real training step (``MIGELightningModule.training_step``: VAE, ViT, Q-Former,
 fusion, T5, DiT) runs under ``mige_lightning.attention.attention_calls``, which attributes every
@@ -12,16 +12,13 @@ runs. (Backward kernels follow the forward's choice.)
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mige_lightning.attention import attention_calls  # noqa: E402
-from mige_lightning.module import MIGELightningModule  # noqa: E402
-from tests.conftest import make_batch  # noqa: E402
+from mige_lightning.attention import attention_calls
+from mige_lightning.module import MIGELightningModule
+from tests.helpers.batches import make_batch
 
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design
 

@@ -1,6 +1,6 @@
 """Convert a tiny checkpoint in the authors' layout, load it on a device, sample one edit.
 
-    python bench/authors_tiny_gpu.py --device cuda --out /tmp/authors_tiny
+    python -m bench.authors_tiny_gpu --device cuda --out /tmp/authors_tiny
 
 The checkpoint is random (the real one is 13 GB and cannot be fetched here): what this shows is
 the path — authors' names → ``convert-authors`` → ``model.init_weights`` → the pipeline with the
@@ -12,7 +12,6 @@ amplified by 60 guided steps of a random model whose latents grow large).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -25,17 +24,7 @@ from mige_lightning.authors_checkpoint import convert_authors
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.models.weights import load_weights
 from mige_lightning.pipeline import MIGEPipeline, make_scheduler
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_authors_state() -> dict[str, torch.Tensor]:
-    """The tests' random state dict in the authors' layout at our tiny size."""
-    path = REPO / "tests" / "fixtures" / "authors_checkpoint" / "make_keys.py"
-    spec = importlib.util.spec_from_file_location("make_keys", path)
-    make_keys = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_keys)
-    return make_keys.random_state(make_keys.TINY)
+from tests.helpers.authors import authors_tiny_state
 
 
 def sample(model_args: dict, device: str) -> tuple[torch.Tensor, PIL.Image.Image, float]:
@@ -69,7 +58,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = out / "model.pth"
-    torch.save({"state_dict": tiny_authors_state()}, src)
+    torch.save({"state_dict": authors_tiny_state()}, src)
     report = convert_authors(src, out / "converted", preset="tiny", tokenizer="byte", vae=None)
     print(
         "converted:", report["source_tensors"], "→", report["written_tensors"], "tensors;", report["by_rule"]

@@ -1,7 +1,7 @@
 """Which prediction target learns fastest on the demo? Same model, data, seed and steps; only
 ``prediction_type`` / ``snr_gamma`` differ.
 
-    .venv/bin/python bench/compare_targets.py --steps 400
+    .venv/bin/python -m bench.compare_targets --steps 400
 
 Trains the model section of ``configs/demo.yaml`` for ``--steps`` optimiser steps on the demo's
 world (batch 32, AdamW, gradient clipping 1.0, no EMA), then samples the first 24 held-out
@@ -13,18 +13,17 @@ variants cost the same per step).
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
 
+from datamodules.training_data import TrainingDataModule
+from mige_cli.judge_synthetic import judge_module
+from mige_lightning.module import MIGELightningModule
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from datamodules.training_data import TrainingDataModule  # noqa: E402
-from mige_cli.judge_synthetic import judge_module  # noqa: E402
-from mige_lightning.module import MIGELightningModule  # noqa: E402
 
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design
 VARIANTS = {

@@ -1,10 +1,10 @@
 """How fast a fresh demo model learns to follow one task's instructions where a sample's scene is
 decided — at high noise — and which part of the model is the slow one.
 
-    .venv/bin/python bench/condition_probe.py --task edit --steps 800 --batch-size 8 --bf16
-    .venv/bin/python bench/condition_probe.py --task edit --steps 800 --batch-size 8 --bf16 --condition words
-    .venv/bin/python bench/condition_probe.py --task edit ... --override t5.num_layers=1
-    .venv/bin/python bench/condition_probe.py --task edit ... --pretrained t5=null \
+    .venv/bin/python -m bench.condition_probe --task edit --steps 800 --batch-size 8 --bf16
+    .venv/bin/python -m bench.condition_probe --task edit --steps 800 --batch-size 8 --bf16 --condition words
+    .venv/bin/python -m bench.condition_probe --task edit ... --override t5.num_layers=1
+    .venv/bin/python -m bench.condition_probe --task edit ... --pretrained t5=null \
         --override train_text_encoder=true        # the demo's T5 from scratch instead of pre-trained
 
 A model of the config (``configs/demo.yaml`` by default, with its frozen T5 from
@@ -30,19 +30,17 @@ import argparse
 import contextlib
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from denoise_diagnosis import batch_of, records_by_task, to_pil  # noqa: E402
-
-from mige_cli.main import main as cli_main  # noqa: E402
-from mige_lightning.prompt import build_prompt  # noqa: E402
-from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size  # noqa: E402
+from bench.denoise_diagnosis import batch_of, records_by_task, to_pil
+from mige_cli.main import main as cli_main
+from mige_lightning.prompt import build_prompt
+from mige_world.scene_judge import SceneAccuracy, load_truth, world_size
+from mige_world.synthetic import DEFAULT_WORLD_ROOT
 
 JUDGED_T = 950
 
@@ -114,7 +112,9 @@ class WordCondition:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--world", default="data/demo", help="a generated world (make demo writes data/demo)")
+    ap.add_argument(
+        "--world", default=DEFAULT_WORLD_ROOT, help="a generated world (make demo writes data/demo)"
+    )
     ap.add_argument("--task", default="edit", choices=("subject", "edit", "subject_edit"))
     ap.add_argument("--condition", default="encoder", choices=("encoder", "words"))
     ap.add_argument("--override", action="append", default=[], help="model.overrides key=value (repeatable)")

@@ -1,6 +1,6 @@
 """Data-loading throughput at 512 px, with and without the latent cache (issue 3 benchmark).
 
-    .venv/bin/python bench/dataloader.py [--samples 200] [--workers 2] [--batches 40]
+    .venv/bin/python -m bench.dataloader [--samples 200] [--workers 2] [--batches 40]
 
 Builds a synthetic world at 512 px, caches it with an f/8 KL autoencoder (the ``mid`` preset's,
 random weights — latents have the paper's 4 × 64 × 64 shape), then times the training
@@ -12,27 +12,25 @@ path reads memory-mapped moments and samples latents, plus the stored 224-px ViT
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.latent_cache import build_cache  # noqa: E402
-from datamodules.training_data import TrainingDataModule  # noqa: E402
-from mige_lightning.models import build_mige, get_config  # noqa: E402
-from mige_lightning.synthetic import generate  # noqa: E402
+from datamodules.latent_cache import build_cache
+from datamodules.training_data import TrainingDataModule
+from mige_lightning.models import build_mige, get_config
+from mige_world.synthetic import generate
 
 
-def throughput(dm: TrainingDataModule, batches: int) -> float:
-    loader = dm.train_dataloader()
+def throughput(loader, batches: int) -> float:
+    """Samples per second over ``batches`` batches of ``loader`` (restarted when it runs out),
+    after 3 warm-up batches (worker start, first chunk reads and decodes, first memmap touches)."""
     it = iter(loader)
-    for _ in range(3):  # warm-up: worker start, first memmap touches
+    for _ in range(3):
         next(it)
-    t0 = time.perf_counter()
-    n = 0
+    t0, n = time.perf_counter(), 0
     for _ in range(batches):
         try:
             batch = next(it)
@@ -92,8 +90,8 @@ def main() -> None:
             vision_resolution=t.vision_resolution,
         )
         print(f"cache-latents: {time.perf_counter() - t0:.1f} s")
-        plain = throughput(dm, args.batches)
-        cached = throughput(datamodule(cache=True), args.batches)
+        plain = throughput(dm.train_dataloader(), args.batches)
+        cached = throughput(datamodule(cache=True).train_dataloader(), args.batches)
     print(f"| path | samples/s ({args.workers} workers, batch 8, {args.resolution} px) |")
     print("|---|---|")
     print(f"| images (decode + resize + crop) | {plain:.1f} |")

@@ -1,6 +1,6 @@
 """Where a demo model's samples go wrong: its one-step x₀ estimate, judged, per noise level.
 
-    .venv/bin/python bench/denoise_diagnosis.py --ckpt runs/demo/version_0/checkpoints/last.ckpt
+    .venv/bin/python -m bench.denoise_diagnosis --ckpt runs/demo/version_0/checkpoints/last.ckpt
 
 For each held-out request of the synthetic world (``data/demo``), the target is noised to step t and
 the model (EMA weights, the demo's config) predicts x₀ from it in one forward pass. Printed:
@@ -27,20 +27,18 @@ import argparse
 import dataclasses
 import random
 import re
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.dataset import MIGEDataset, collate  # noqa: E402
-from datamodules.records import read_manifest  # noqa: E402
-from mige_cli.main import main as cli_main  # noqa: E402
-from mige_lightning.checkpoint_state import load_checkpoint_file  # noqa: E402
-from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size  # noqa: E402
-from mige_lightning.synthetic import POSITIONS, manifest_specs  # noqa: E402
+from datamodules.dataset import MIGEDataset, collate
+from datamodules.records import read_manifest
+from mige_cli.main import main as cli_main
+from mige_lightning.checkpoint_state import load_checkpoint_file
+from mige_world.scene_judge import SceneAccuracy, load_truth, world_size
+from mige_world.synthetic import DEFAULT_WORLD_ROOT, POSITIONS, manifest_specs
 
 TASKS = ("subject", "edit", "subject_edit")
 JUDGED_T = (0, 50, 200, 400, 700, 950)
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, required=True)
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--world", default="data/demo")
+    ap.add_argument("--world", default=DEFAULT_WORLD_ROOT)
     ap.add_argument("--split", default="train", help="records for the condition-use table")
     ap.add_argument("--out", type=Path, default=Path("bench/denoise_diagnosis.png"))
     # any other argument goes to the CLI that builds the model (e.g. --model.pretrained.t5=...)

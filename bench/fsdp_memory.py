@@ -1,6 +1,6 @@
 """Per-rank memory of parameters, gradients and AdamW state under FSDP2 (issue 6 benchmark).
 
-    .venv/bin/python bench/fsdp_memory.py [--preset mid] [--gpus 8 16 32 64]
+    .venv/bin/python -m bench.fsdp_memory [--preset mid] [--gpus 8 16 32 64]
 
 1. Measured on CPU (gloo): the ``--preset`` model sharded by ``shard_mige`` over 1 and 2
    processes, one AdamW step, then the bytes of every tensor storage each rank holds (parameter
@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mige_lightning.models import build_mige, get_config  # noqa: E402
+from mige_lightning.models import build_mige, get_config
 
 GB = 1024**3
 
@@ -61,7 +58,7 @@ def _measure(rank: int, world: int, port: int, preset: str, out: str) -> None:
 
     from mige_lightning.module import MIGELightningModule
     from mige_lightning.sharding import shard_mige
-    from tests.conftest import make_batch
+    from tests.helpers.batches import make_batch
 
     warnings.filterwarnings("ignore")  # self.log without a Trainer, FSDP view notes
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The demo's learning curve: held-out scene / element accuracy per task against wall time.
 
-    .venv/bin/python bench/learning_curve.py --minutes 30 --every 250
+    .venv/bin/python -m bench.learning_curve --minutes 30 --every 250
 
 Trains ``configs/demo.yaml`` (or the ``--config`` files given, composed in order) unchanged
 except for the stopping rule (``--minutes`` of wall time instead of the demo's step count) and the

@@ -1,7 +1,7 @@
 """Reading a large JSON-list manifest: seconds per stage, for N records (the reliability issue's
 quadratic reader took 16 s for 20,000 records and never finished 200,000).
 
-    .venv/bin/python bench/manifest_reading.py [--records 200000 1000000] [--no-check]
+    .venv/bin/python -m bench.manifest_reading [--records 200000 1000000] [--no-check]
 
 Writes, in a temporary folder, a pretty-printed JSON list (``json.dumps(indent=4)``, as the
 authors' files are) of N records in the authors' field names — one subject, edit or replace record

@@ -1,7 +1,7 @@
 """How much margin the memorisation test has: train its model with several training-noise
 streams and report, per scheduler, the worst L1 of the samples it gives back.
 
-    python bench/memorise_seeds.py --steps 600 900 --seeds 0 1 2
+    python -m bench.memorise_seeds --steps 600 900 --seeds 0 1 2
 
 (~80 s per 600 steps on 2 cores.) The test (``tests/test_memorise.py``) requires every sample
 within L1 0.05 with every scheduler; its step count is chosen from this table.
@@ -10,15 +10,12 @@ within L1 0.05 with every scheduler; its step count is chosen from this table.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mige_lightning.pipeline import SCHEDULERS  # noqa: E402
-from tests.test_memorise import sample_back, train_memoriser  # noqa: E402
+from mige_lightning.pipeline import SCHEDULERS
+from tests.helpers.memorise import sample_back, train_memoriser
 
 
 def main() -> None:

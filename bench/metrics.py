@@ -1,6 +1,6 @@
 """Metric throughput on CPU with real-size backbones (random weights: speed does not depend on them).
 
-    .venv/bin/python bench/metrics.py [--images 32] [--size 512]
+    .venv/bin/python -m bench.metrics [--images 32] [--size 512]
 
 DINO on a ViT-S/16 (``facebook/dino-vits16``'s architecture), CLIP-I / CLIP-T on open_clip
 ``ViT-B-32``, L1 / L2 — each including its protocol preprocessing (resize + center-crop + normalise
@@ -10,18 +10,14 @@ from 512 px PIL images), pairs of images per sample.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
+from transformers import ViTConfig, ViTModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformers import ViTConfig, ViTModel  # noqa: E402
-
-from mige_lightning import metrics as M  # noqa: E402
+from mige_lightning import metrics as M
 
 
 def main() -> None:

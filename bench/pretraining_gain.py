@@ -1,8 +1,8 @@
 """What each pretrained component buys the demo: the demo's fine-tuning (configs/demo.yaml, its steps,
 batch and validation) started from none, some or all of the world's shipped components.
 
-    .venv/bin/python bench/pretraining_gain.py             # = make bench-pretraining (~35 min)
-    .venv/bin/python bench/pretraining_gain.py --rows scratch_lr1e-3 --runs runs/gain_extra
+    .venv/bin/python -m bench.pretraining_gain             # = make bench-pretraining (~35 min)
+    .venv/bin/python -m bench.pretraining_gain --rows scratch_lr1e-3 --runs runs/gain_extra
 
 Each row is one `fit` of the demo with ``model.pretrained.*`` set to null for the components it
 goes without (a component made without its T5 would read another T5's input space, so the bridge

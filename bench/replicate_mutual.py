@@ -1,7 +1,7 @@
 """Mutual enhancement in miniature: does joint training help each task, as the paper claims?
 
-    .venv/bin/python bench/replicate_mutual.py            # = make replicate-mutual
-    .venv/bin/python bench/replicate_mutual.py --seeds 0 --settings joint edit_only   # a subset
+    .venv/bin/python -m bench.replicate_mutual            # = make replicate-mutual
+    .venv/bin/python -m bench.replicate_mutual --seeds 0 --settings joint edit_only   # a subset
 
 Trains the demo model on one synthetic world in four settings with the same optimiser steps and
 batch size (``configs/demo.yaml`` + ``configs/experiments/mutual.yaml`` + one of):
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from mige_cli.judge_synthetic import judge_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from mige_cli.judge_synthetic import judge_checkpoint  # noqa: E402
 
 SETTINGS = {
     "joint": "(a) joint",

@@ -1,36 +1,34 @@
 """Sampling cost on CPU: seconds per image per task, and the overhead of batched guidance.
 
-    .venv/bin/python bench/sample.py [--presets tiny mid] [--repeats 3]
+    .venv/bin/python -m bench.sample [--presets tiny mid] [--repeats 3]
 
 Per task, one image with the task's default steps and scales (the authors': 50 steps 2-way for
 subject, 60 steps 3-way for edit / subject_edit), DPM-Solver++, batch_invariant mode, after a
-warm-up image. Guidance overhead: one 3-way guided step for B samples (``guided_epsilon``: the
+warm-up image. Guidance overhead: one 3-way guided step for B samples (``guided_prediction``: the
 three branches as one forward at 3B plus the combination) against one plain model forward at
 batch 3B with the same inputs; target ≤ 1.1×. Branch skipping: an edit image at the authors'
-scales (s_y 5, s_s 1: the unconditional branch has weight 0 and is not run) and at s_y = s_s = 1
-(the conditional branch alone) against the same call with s_s = 1 + 1e-6, which runs all three
+scales (guidance_scale 5, image_guidance_scale 1: the unconditional branch has weight 0 and is not
+run) and at both scales 1 (the conditional branch alone) against the same call with
+image_guidance_scale = 1 + 1e-6, which runs all three
 branches for the same result.
 
-    .venv/bin/python bench/sample.py --presets mid --only-branches     # the branch-skipping rows only
+    .venv/bin/python -m bench.sample --presets mid --only-branches     # the branch-skipping rows only
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mige_lightning.models import build_mige, get_config  # noqa: E402
-from mige_lightning.pipeline import TASK_DEFAULTS, MIGEPipeline  # noqa: E402
-from mige_lightning.prompt import Task  # noqa: E402
+from mige_lightning.models import build_mige, get_config
+from mige_lightning.pipeline import TASK_DEFAULTS, MIGEPipeline
+from mige_lightning.prompt import Task
 
 REQUESTS = {
     Task.SUBJECT: dict(instruction="a <imagehere> on the beach", images=1, source=False),
@@ -56,21 +54,23 @@ def timed(fn, repeats: int) -> float:
 
 
 def branches(pipe, res: int, repeats: int) -> None:
-    """Edit, 60 steps: guidance branches skipped (s_s = 1) vs all three run (s_s = 1 + 1e-6)."""
+    """Edit, 60 steps: guidance branches skipped (image_guidance_scale 1) vs all three run (1 + 1e-6)."""
     req = REQUESTS[Task.EDIT]
     imgs, src = [image(0, res)], image(9, res)
     rows = []
-    for s_y in (5.0, 1.0):
+    for scale in (5.0, 1.0):
         call = partial(pipe, req["instruction"], task=Task.EDIT, images=imgs, source=src, output_type="latent",
-                       num_inference_steps=60, guidance_scale=s_y)  # fmt: skip
+                       num_inference_steps=60, guidance_scale=scale)  # fmt: skip
         skipped = timed(partial(call, image_guidance_scale=1.0), repeats)
         full = timed(partial(call, image_guidance_scale=1.0 + 1e-6), repeats)
-        rows.append((s_y, skipped, full))
+        rows.append((scale, skipped, full))
     print("| edit, 60 steps | branches run | s / image | all 3 branches | speed-up |")
     print("|---|---|---|---|---|")
-    for s_y, skipped, full in rows:
-        n = 2 if s_y != 1.0 else 1
-        print(f"| s_y {s_y:g}, s_s 1 | {n} | {skipped:.3f} | {full:.3f} | {full / skipped:.2f}× |")
+    for scale, skipped, full in rows:
+        n = 2 if scale != 1.0 else 1
+        print(
+            f"| guidance_scale {scale:g}, image_guidance_scale 1 | {n} | {skipped:.3f} | {full:.3f} | {full / skipped:.2f}× |"
+        )
 
 
 def bench(preset: str, repeats: int, batch: int, only_branches: bool = False) -> None:
@@ -110,14 +110,14 @@ def bench(preset: str, repeats: int, batch: int, only_branches: bool = False) ->
     src = torch.randn_like(lat)
     with torch.no_grad():
         guided = timed(
-            lambda: pipe.guided_epsilon(
+            lambda: pipe.guided_prediction(
                 lat,
                 t,
                 cond=cond,
                 cond_mask=mask,
                 cond_input=src,
                 guidance_scale=5.0,
-                image_guidance_scale=1.5,  # s_s = 1 would skip the unconditional branch
+                image_guidance_scale=1.5,  # 1 would skip the unconditional branch
             ),
             repeats * 3,
         )

@@ -1,7 +1,7 @@
 """Host memory and start-up time of an FSDP2 run: every rank builds the whole model, then shards it
 (``model.meta_init: false``) vs the meta-device start (``true``, the default) (issue 12 benchmark).
 
-    .venv/bin/python bench/startup.py [--preset mid] [--ranks 1 2] [--gpus 8]
+    .venv/bin/python -m bench.startup [--preset mid] [--ranks 1 2] [--gpus 8]
 
 1. Measured: ``python -m mige_lightning fit`` on CPU (gloo, one thread per rank) with the
    ``--preset`` model whose T5, BLIP-2, PixArt DiT and VAE are random components saved to a temp
@@ -31,7 +31,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 MB = 1024**2
 
 
@@ -150,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mige_lightning.models import get_config
-    from tests.pretrained_parts import save_components
+    from tests.helpers.pretrained_parts import save_components
 
     sizes = unit_sizes(args.preset)
     print(

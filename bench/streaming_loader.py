@@ -1,7 +1,7 @@
 """Training-data throughput per loader worker: file loader vs litdata shards (images, latents),
 and the task mix of the shard mixer over 20,000 samples on 2 ranks (issue 28 benchmark).
 
-    .venv/bin/python bench/streaming_loader.py [--samples 200] [--batches 40] [--resolution 512]
+    .venv/bin/python -m bench.streaming_loader [--samples 200] [--batches 40] [--resolution 512]
 
 Builds a synthetic world at ``--resolution`` px and keeps the records with exactly 2 reference
 images (subject, subject_edit add / replace; the edit records have one). Then times, in one
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -33,15 +32,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.latent_cache import build_cache  # noqa: E402
-from datamodules.records import read_manifest  # noqa: E402
-from datamodules.shard_writer import write_shards  # noqa: E402
-from datamodules.streaming import PoolMixer  # noqa: E402
-from datamodules.task_sampler import DEFAULT_WEIGHTS, pool_probabilities  # noqa: E402
-from datamodules.training_data import TrainingDataModule  # noqa: E402
-from mige_lightning.models import build_mige, get_config  # noqa: E402
-from mige_lightning.synthetic import generate, manifest_specs  # noqa: E402
+from bench.dataloader import throughput
+from datamodules.latent_cache import build_cache
+from datamodules.records import read_manifest
+from datamodules.shard_writer import write_shards
+from datamodules.streaming import PoolMixer
+from datamodules.task_sampler import DEFAULT_WEIGHTS, pool_probabilities
+from datamodules.training_data import TrainingDataModule
+from mige_lightning.models import build_mige, get_config
+from mige_world.synthetic import generate, manifest_specs
 
 BATCH = 8
 XL_STEP_S, GPUS_PER_NODE = 1.25, 8  # docs/BENCHMARKS.md: xl, batch 8 per GPU, one H200
@@ -59,21 +58,6 @@ def two_reference_manifests(world: Path, out: Path) -> list[dict]:
             path.write_text(json.dumps(kept))
             specs.append({"path": str(path), "task": spec["task"], "base": str(world)})
     return specs
-
-
-def throughput(loader, batches: int) -> float:
-    it = iter(loader)
-    for _ in range(3):  # warm-up: first chunk reads, first decodes
-        next(it)
-    t0, n = time.perf_counter(), 0
-    for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        n += len(batch["task"])
-    return n / (time.perf_counter() - t0)
 
 
 def mix_deviation(samples: int = 20_000, ranks: int = 2) -> float:

@@ -1,7 +1,7 @@
 """Train-step time, peak memory, FLOPs and MFU (issue 2 benchmark; FLOPs / MFU from issue 12).
 
-    .venv/bin/python bench/train_step.py [--presets tiny mid] [--steps 10] [--batch 4]
-    python bench/train_step.py --device cuda --presets xl --batch 8 \
+    .venv/bin/python -m bench.train_step [--presets tiny mid] [--steps 10] [--batch 4]
+    python -m bench.train_step --device cuda --presets xl --batch 8 \
         --overrides '{"t5": {"num_layers": 8}}'     # FSDP2 (1 rank) + bf16 + activation checkpointing
 
 FLOPs are counted by ``FlopCounterMode`` on one real step (forward + backward; with activation
@@ -21,17 +21,14 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mige_lightning.flops import StepFlops, peak_flops  # noqa: E402
-from mige_lightning.module import MIGELightningModule  # noqa: E402
-from tests.conftest import make_batch  # noqa: E402
+from mige_lightning.flops import StepFlops, peak_flops
+from mige_lightning.module import MIGELightningModule
+from tests.helpers.batches import make_batch
 
 warnings.filterwarnings("ignore", message="You are trying to `self.log")  # no Trainer here, by design
 

@@ -1,9 +1,8 @@
 """Writes a ``test`` run's benchmark results: per-sample CSV, results JSON and a Markdown table.
 
 What it reads is what the module hands every callback: each batch's ``test_step`` outputs
-(``{"ids", "images", "rows", "ema"}``: the generated images and per-sample scores) and the figures
-the module logs at the end (``test/<metric>``, ``test/baseline/<metric>``, on the synthetic world
-``test[/baseline]/<task or task/kind>/{scene_acc,element_acc}``). It writes (rank 0; rows gathered
+(``{"generated", "rows", "ema"}``: the generated images and per-sample scores) and, at the end,
+the module's typed ``benchmark_result`` (``mige_lightning.evaluation.BenchmarkResult``). It writes (rank 0; rows gathered
 from every rank) ``<output_dir>/per_sample.csv``, ``results.json``, ``results.md`` (paper column
 order; rows: MIGE, the copy-the-input baseline and, where the paper reports the benchmark, the
 paper's numbers), and with ``save_images`` each rank's generated images.
@@ -14,12 +13,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from mige_lightning.evaluation import tables_from_logged
+from mige_lightning.evaluation import BASELINE, format_table
 from mige_lightning.metrics import COLUMN_NAMES
 
 PAPER_COLUMNS = {
@@ -70,8 +70,8 @@ class BenchmarkReport(L.Callback):
         self._ema.add(bool(outputs["ema"]))
         if self.save_images:
             (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
-            for item_id, image in zip(outputs["ids"], outputs["images"], strict=True):
-                image.save(self.output_dir / "images" / f"{item_id}.png")
+            for g in outputs["generated"]:
+                g.image.save(self.output_dir / "images" / f"{g.request.id}.png")
 
     def on_test_end(self, trainer, pl_module) -> None:
         rows = self._rows
@@ -82,8 +82,7 @@ class BenchmarkReport(L.Callback):
         if trainer.global_rank != 0:
             return
         name = self.benchmark or getattr(trainer.datamodule, "name", None) or "benchmark"
-        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        results = tables_from_logged(logged, rows)
+        results = pl_module.benchmark_result.tables()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         fields = list(dict.fromkeys(k for r in rows for k in r))
         with (self.output_dir / "per_sample.csv").open("w", newline="") as f:
@@ -92,31 +91,48 @@ class BenchmarkReport(L.Callback):
             writer.writerows(rows)
         settings = {k: pl_module.hparams.get(k) for k in pl_module.RUNTIME_OPTIONS}
         settings["ema"] = self._ema.pop() if len(self._ema) == 1 else None  # EMA weights really used
+        # how it was sampled and scored (model.protocol, mige_lightning/protocol.py) and how the
+        # references the model saw were prepared: stated in both files' headers
+        protocol = getattr(pl_module, "protocol", None)
+        prep = getattr(trainer.datamodule, "reference_prep", None)  # None: references as shipped
+        if protocol is not None and prep is not None:  # DreamBench: the data's own choice, if it made one
+            protocol = replace(protocol, reference_prep=prep)
         (self.output_dir / "results.json").write_text(
             json.dumps(
-                {"benchmark": name, "samples": len(rows), "settings": settings, **results},
+                {
+                    "benchmark": name,
+                    "samples": len(rows),
+                    "protocol": protocol.as_dict() if protocol is not None else None,
+                    "reference_prep": prep or "as shipped",
+                    "settings": settings,
+                    **results,
+                },
                 indent=2,
                 default=str,
             )
         )
         columns = PAPER_COLUMNS.get(name) or [c for c in COLUMN_NAMES.values() if c in results["MIGE"]]
+        named = "unknown" if protocol is None else protocol.name
+        if protocol is not None and protocol.changed():
+            named += f" (changed: {', '.join(protocol.changed())})"
         lines = [
-            f"# {name} ({len(rows)} samples)",
+            f"# {name} ({len(rows)} samples; protocol: {named}; reference preparation: {prep or 'as shipped'})",
             "",
             "| | " + " | ".join(columns) + " |",
             "|---|" + "---|" * len(columns),
         ]
-        for label in ("MIGE", "copy-the-input baseline"):
+        for label in ("MIGE", BASELINE):
             lines.append(f"| {label} | " + " | ".join(_fmt(results[label].get(c)) for c in columns) + " |")
         if name in PAPER_RESULTS:
             lines.append(
                 "| paper (MIGE) | " + " | ".join(_fmt(PAPER_RESULTS[name].get(c)) for c in columns) + " |"
             )
         if results.get("scenes"):  # synthetic world: the pixel judge per task and kind
-            from mige_lightning.scene_judge import format_table
-
             lines += ["", "## Scene judge (scene / element accuracy)", "", format_table(results["scenes"])]
         if results["extras"]:
             lines += ["", "| extra | value |", "|---|---|"]
             lines += [f"| {EXTRA_NAMES.get(k, k)} | {_fmt(v)} |" for k, v in results["extras"].items()]
+        if protocol is not None:  # its parts (the references' preparation is in the title)
+            parts = {k: v for k, v in protocol.as_dict().items() if k not in ("name", "reference_prep")}
+            lines += ["", f"Protocol {protocol.name}: " + ", ".join(f"{k} {v}" for k, v in parts.items())]
         (self.output_dir / "results.md").write_text("\n".join(lines) + "\n")

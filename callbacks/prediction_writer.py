@@ -86,22 +86,24 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ):
+        """``batch``: the request data module's items (``spec``: the request as read);
+        ``prediction``: ``predict_step``'s ``Generated`` per item, in the batch's order."""
         with self._log_path(trainer).open("a") as log:
-            for item in prediction:
-                r = item["request"]
-                path = self.output_dir / f"{r['id']}.png"
+            for item, generated in zip(batch, prediction, strict=True):
+                r = item.spec
+                path = self.output_dir / f"{r.id}.png"
                 if path.resolve().parent != self.output_dir.resolve():  # ids are checked on reading
-                    raise ValueError(f"{r['origin']}: id {r['id']!r} would write outside {self.output_dir}")
-                self._save(item["image"], path, r["origin"])
+                    raise ValueError(f"{r.origin}: id {r.id!r} would write outside {self.output_dir}")
+                self._save(generated.image, path, r.origin)
                 entry = {
-                    "id": r["id"],
+                    "id": r.id,
                     "file": path.name,
-                    "instruction": r["instruction"],
-                    "images": r["images"],
-                    "source": r["source"],
-                    "request": r["origin"],
-                    **({"warnings": r["warnings"]} if r.get("warnings") else {}),
-                    **item["settings"],
+                    "instruction": r.instruction,
+                    "images": [str(p) for p in r.references],
+                    "source": str(r.source) if r.source else None,
+                    "request": r.origin,
+                    **({"warnings": list(r.warnings)} if r.warnings else {}),
+                    **generated.settings,
                 }
                 log.write(json.dumps(entry) + "\n")
                 log.flush()

@@ -29,6 +29,8 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid
 
+from mige_lightning.evaluation import BASELINE
+from mige_lightning.generate import Generated
 from mige_lightning.images import load_rgb
 from mige_lightning.metrics import (
     DEFAULT_CLIP_MODEL,
@@ -39,9 +41,7 @@ from mige_lightning.metrics import (
     update_caption_scores,
 )
 from mige_lightning.prompt import Task
-from mige_lightning.scene_judge import SceneAccuracy, load_truth, world_size
 
-PIXEL = (L1Distance, L2Distance, SceneAccuracy)
 CAPTIONED = ("clip_t", "clip_dir")  # scored only on rows whose records carry captions
 
 
@@ -52,7 +52,7 @@ class ValidationMetrics(L.Callback):
         self.log_images, self.scene_judge, self.grid_rows = log_images, scene_judge, grid_rows
         self.metrics: dict | None = None
         self.baseline: dict | None = None
-        self.truth: dict | None = None  # target path → judged sample, on the synthetic world
+        self.judge = None  # the data module's judge of outputs (the synthetic world's), if any
         self._baseline_logged = False
         self._rows: dict[Task, list] = {}
 
@@ -73,14 +73,11 @@ class ValidationMetrics(L.Callback):
             for task in Task
         }
         self.baseline = {task: {"l1": L1Distance(), "l2": L2Distance()} for task in Task}
-        world = getattr(trainer.datamodule, "synthetic", None) if trainer.datamodule is not None else None
-        if self.scene_judge and world:
-            root = world.get("root", "data/demo")
-            self.truth = {str(s.target): s for s in load_truth(root, "heldout").values()}
-            size = world_size(root)
-            for task in Task:
-                self.metrics[task]["scene"] = SceneAccuracy(size=size)
-                self.baseline[task]["scene"] = SceneAccuracy(size=size)
+        make_judge = (
+            getattr(trainer.datamodule, "output_judge", None) if trainer.datamodule is not None else None
+        )
+        if self.scene_judge and callable(make_judge):
+            self.judge = make_judge()
 
     def _with_baseline(self, trainer) -> bool:
         return not self._baseline_logged and not trainer.sanity_checking
@@ -91,29 +88,37 @@ class ValidationMetrics(L.Callback):
                 for metric in metrics.values():
                     metric.reset()
                     metric.to(pl_module.device)  # the states sync over the strategy's backend
+        if self.judge is not None:
+            self.judge.reset()
+            self.judge.to(pl_module.device)
         self._rows = {}
 
     def on_validation_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+        self, trainer, pl_module, outputs: list[Generated], batch, batch_idx, dataloader_idx=0
     ) -> None:
-        task: Task = batch["task"]
-        keep = [i for i, item in enumerate(batch["items"]) if item.scored]
-        images = [outputs["images"][i] for i in keep]
-        targets = [batch["target"][i] for i in keep]
-        records = [batch["items"][i].record for i in keep]
-        sources = [batch["source"][i] for i in keep]
-        captions = [(batch["input_caption"][i], batch["output_caption"][i]) for i in keep]
-        self._update(self.metrics[task], images, targets, records, sources, captions)
-        if self.truth is not None and self._with_baseline(trainer):
-            inputs = [load_rgb(self.truth[str(r.target)].input_image) for r in records]
-            self._update(self.baseline[task], inputs, targets, records, sources, captions)
-        rows = self._rows.setdefault(task, [])
-        if trainer.is_global_zero and len(rows) < self.grid_rows:
-            rows += list(zip(records, images, strict=True))[: self.grid_rows - len(rows)]
+        """``batch``: ``HeldOutRow``s of one task (``datamodules/heldout.py``); ``outputs``: their
+        ``Generated``, in order. Only ``scored`` rows count."""
+        rows = [(row, g.image) for row, g in zip(batch, outputs, strict=True) if row.scored]
+        if not rows:
+            return
+        task: Task = rows[0][0].request.task
+        images = [image for _, image in rows]
+        targets = [row.target for row, _ in rows]
+        sources = [row.request.source for row, _ in rows]
+        captions = [(row.input_caption, row.output_caption) for row, _ in rows]
+        self._update(self.metrics[task], images, targets, sources, captions)
+        with_baseline = self._with_baseline(trainer)
+        if self.judge is not None:
+            self.judge.update(images, [row.record.target for row, _ in rows], baseline=with_baseline)
+            if with_baseline:
+                inputs = [self.judge.input_image(row.record.target) for row, _ in rows]
+                self._update(self.baseline[task], inputs, targets, sources, captions)
+        shown = self._rows.setdefault(task, [])
+        if trainer.is_global_zero and len(shown) < self.grid_rows:
+            shown += [(row.record, image) for row, image in rows][: self.grid_rows - len(shown)]
 
-    def _update(
-        self, metrics: dict, images: list, targets: list, records: list, sources: list, captions: list
-    ) -> None:
+    @staticmethod
+    def _update(metrics: dict, images: list, targets: list, sources: list, captions: list) -> None:
         """``captions``: (input caption, output caption) per row, None where the record has none."""
         update_caption_scores(  # CLIP-T / CLIPdir, where configured: the rows with captions only
             metrics,
@@ -124,23 +129,27 @@ class ValidationMetrics(L.Callback):
             [o for _, o in captions],
         )
         for name, metric in metrics.items():
-            if name in CAPTIONED:
-                continue
-            if isinstance(metric, SceneAccuracy):
-                samples = [self.truth[str(r.target)] for r in records]
-                metric.update(images, [s.scene for s in samples], [s.kind for s in samples])
-            else:
+            if name not in CAPTIONED:
                 metric.update(images, targets)  # an empty list adds nothing; compute still syncs
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         values = self._compute(self.metrics, "val")
-        if self.truth is not None and self._with_baseline(trainer):
+        with_baseline = self.judge is not None and self._with_baseline(trainer)
+        if with_baseline:
             values.update(self._compute(self.baseline, "val_baseline"))
-            self._baseline_logged = True
+        if self.judge is not None:  # per task, and per kind where a task has several
+            judged = self.judge.compute()
+            for label, prefix in (("model", "val"), (BASELINE, "val_baseline")):
+                if label == BASELINE and not with_baseline:
+                    continue
+                for group, accs in sorted(judged.get(label, {}).items()):
+                    values[f"{prefix}/{group}/scene_acc"] = accs["scene_acc"]
+                    values[f"{prefix}/{group}/element_acc"] = accs["element_acc"]
+            self._baseline_logged = self._baseline_logged or with_baseline
         for name, value in values.items():  # already summed over ranks: the same on every rank
             # the progress bar shows one figure per task (not per kind): the judge's scene accuracy,
             # else L1
-            shown = "scene_acc" if self.truth is not None else "l1"
+            shown = "scene_acc" if self.judge is not None else "l1"
             per_task = name.startswith("val/") and name.endswith(f"/{shown}") and name.count("/") == 2
             pl_module.log(name, value, prog_bar=per_task)
         if values and trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -159,14 +168,7 @@ class ValidationMetrics(L.Callback):
                 with warnings.catch_warnings():  # a rank with no row of this task still syncs
                     warnings.filterwarnings("ignore", message=r".*was called before the ``update``")
                     result = metric.compute()
-                if isinstance(metric, SceneAccuracy):
-                    # the task's figures, and per kind of sample where the task has several
-                    # (edit/recolour, …, subject_edit/add); absent when no rank judged one
-                    for group, judged in result.items():
-                        if group == task.value or group.startswith(f"{task.value}/"):
-                            values[f"{prefix}/{group}/scene_acc"] = judged["scene_acc"]
-                            values[f"{prefix}/{group}/element_acc"] = judged["element_acc"]
-                elif not torch.isnan(result):
+                if not torch.isnan(result):
                     values[f"{prefix}/{task.value}/{name}"] = result.item()
         return values
 

@@ -8,10 +8,11 @@
 - ``dreambench``: ``google/dreambooth`` — ``dataset/<subject>/*`` and
   ``dataset/prompts_and_classes.txt``; one reference image per subject, N images per prompt.
   ``reference_prep`` prepares the image the *model* sees (the metrics always compare with the raw
-  photo): ``raw`` (default) feeds the photo; ``mask_file`` feeds the subject cut out on black from
+  photo): ``raw`` feeds the photo; ``mask_file`` feeds the subject cut out on black from
   ``<image stem>_mask.png`` beside it — what the authors fed (segmented subjects, as in their
   training references); or ``package.module:function`` taking (image, path) → image, e.g. a
-  segmentation model of your own.
+  segmentation model of your own. Not given, the model's protocol decides (``model.protocol``:
+  ``project`` → raw, ``authors`` → mask_file).
 - ``migebench``: ``add_bench.json`` / ``replace_bench.json`` with the authors' fields.
 - ``synthetic``: a generated synthetic world's held-out split, scored by the pixel scene judge.
 
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import MIGEDataModule
 from datamodules.records import ManifestError
+from mige_lightning.generate import GenerationRequest, SamplingBatch
 from mige_lightning.images import decode_rgb, load_rgb
 from mige_lightning.metrics import clip_t_caption
 from mige_lightning.prompt import Task
@@ -50,7 +52,7 @@ class EvalItem:
     id: str
     task: Task
     instruction: str
-    images: tuple[ImageRef, ...]  # fill the placeholders, in order
+    references: tuple[ImageRef, ...]  # fill the placeholders, in order
     source: ImageRef | None  # conditional input (editing); also the copy-the-input baseline
     reference: ImageRef  # what DINO / CLIP-I / L1 / L2 compare the output with
     caption: str | None = None  # CLIP-T text
@@ -59,9 +61,9 @@ class EvalItem:
     mask: ImageRef | None = None  # edit region (MIGEBench, MagicBrush)
     subject: ImageRef | None = None  # MIGEBench: the entity whose preservation is scored
     baseline: ImageRef | None = None  # what copy-the-input outputs, when not the source / the reference
-    seed: int = 0
+    number: int = 0  # its request number: seed model.predict_seed + number (mige_lightning/generate.py)
     followups: tuple[str, ...] = ()  # MagicBrush final-turn: later instructions, chained
-    prepare: str = "raw"  # how `images` are prepared for the model (see resolve_reference_prep)
+    prepare: str = "raw"  # how `references` are prepared for the model (see resolve_reference_prep)
     meta: dict = field(default_factory=dict, compare=False)
 
 
@@ -81,7 +83,9 @@ def on_black_from_mask_file(image: PIL.Image.Image, path: str) -> PIL.Image.Imag
     mask_path = Path(path).with_name(f"{Path(path).stem}_mask.png")
     if not mask_path.is_file():
         raise ManifestError(
-            f"{path}: reference_prep 'mask_file' needs its mask {mask_path}, which is missing"
+            f"{path}: reference_prep 'mask_file' (model.protocol authors' DreamBench references) needs "
+            f"its mask {mask_path}, which is missing; write the subject's mask there (white = subject), "
+            "or set data.benchmark.reference_prep to raw or to a segmenter's package.module:function"
         )
     with PIL.Image.open(mask_path) as m:
         mask = m.convert("L")
@@ -163,7 +167,7 @@ def read_emu_edit(root: str | Path, *, split: str = "test", limit: int | None = 
                     id=str(row.get("idx", f"{f.stem}-{row_no}")),
                     task=Task.EDIT,
                     instruction=rewrite_emu_instruction(row["instruction"], row["task"]),
-                    images=(data,),
+                    references=(data,),
                     source=data,
                     reference=data,  # no ground truth: outputs are compared with the source
                     # rows whose captions are identical describe no change: the authors leave
@@ -209,7 +213,7 @@ def read_magicbrush(
                     id=f"{sid}-{t + 1}" if turns == "single" else f"{sid}-final",
                     task=Task.EDIT,
                     instruction=rewrite_emu_instruction(turn["instruction"], "local"),
-                    images=(src,),
+                    references=(src,),
                     source=src,
                     reference=out if reference == "target" else src,
                     caption=desc.get(last["output"]),
@@ -284,11 +288,11 @@ def read_dreambench(
                         id=f"{subject}-{p_idx:02d}-{k}",
                         task=Task.SUBJECT,
                         instruction=instruction,
-                        images=(ref,),
+                        references=(ref,),
                         source=None,
                         reference=ref,
                         caption=caption,
-                        seed=k,
+                        number=k,
                         prepare=reference_prep,
                         meta={"subject": subject, "class": cls},
                     )
@@ -331,7 +335,7 @@ def read_migebench(
                     id=f"{sub}-{rec.get('idx', n)}",
                     task=Task.SUBJECT_EDIT,
                     instruction=rec["multi_prompt"],
-                    images=tuple(entities),
+                    references=tuple(entities),
                     source=source,
                     reference=_bench_path(rec["image"], root, where),
                     caption=rec.get("target_caption"),
@@ -346,26 +350,28 @@ def read_migebench(
 def read_synthetic(root: str | Path, *, split: str = "heldout", limit: int | None = None) -> list[EvalItem]:
     """A generated synthetic world's split (default: held-out), judged from pixels by the scene
     judge: each item carries its target's scene, its kind and the world's size in ``meta``."""
-    from mige_lightning.scene_judge import load_truth, world_size
+    from mige_world.scene_judge import load_truth, world_size
 
     root = Path(root)
     if not (root / "world.json").is_file():
         raise ManifestError(f"{root}: not a generated synthetic world (no world.json)")
     size = world_size(root)
-    items = [
-        EvalItem(
-            id=key,
-            task=Task.parse(s.task),
-            instruction=s.instruction,
-            images=tuple(str(p) for p in s.references),
-            source=str(s.source) if s.source else None,
-            reference=str(s.target),
-            baseline=str(s.input_image),  # subject: the first reference; the target is `reference`
-            seed=n,
-            meta={"scene": s.scene, "kind": s.kind, "size": size},
+    items, per_task = [], {}
+    for key, s in load_truth(root, split).items():
+        number = per_task[s.task] = per_task.get(s.task, -1) + 1  # its position among its task's
+        items.append(
+            EvalItem(
+                id=key,
+                task=Task.parse(s.task),
+                instruction=s.instruction,
+                references=tuple(str(p) for p in s.references),
+                source=str(s.source) if s.source else None,
+                reference=str(s.target),
+                baseline=str(s.input_image),  # subject: the first reference; the target is `reference`
+                number=number,
+                meta={"kind": s.kind, "size": size},
+            )
         )
-        for n, (key, s) in enumerate(load_truth(root, split).items())
-    ]
     return items[:limit] if limit else items
 
 
@@ -387,11 +393,37 @@ def read_benchmark(spec: dict) -> list[EvalItem]:
     return READERS[name](spec.pop("root"), **spec)
 
 
-class Boxed:
-    """Carries an ``EvalItem`` through Lightning's batch transfer untouched (it rejects frozen dataclasses)."""
+@dataclass(frozen=True, eq=False)
+class BenchmarkSample:
+    """A benchmark item, its images loaded (``images``: what the scorer reads — references as
+    prepared for the model, source, reference, mask, subject, baseline) and its generation request."""
 
-    def __init__(self, value):
-        self.value = value
+    item: EvalItem
+    images: dict
+    request: GenerationRequest
+
+
+def load_sample(it: EvalItem) -> BenchmarkSample:
+    prep = resolve_reference_prep(it.prepare)
+    images = {
+        "references": [open_image(r) if prep is None else prep(open_image(r), str(r)) for r in it.references],
+        "source": open_image(it.source) if it.source is not None else None,
+        "reference": open_image(it.reference),
+        "mask": open_image(it.mask) if it.mask is not None else None,
+        "subject": open_image(it.subject) if it.subject is not None else None,
+        "baseline": open_image(it.baseline) if it.baseline is not None else None,
+    }
+    request = GenerationRequest(
+        id=it.id,
+        task=it.task,
+        instruction=it.instruction,
+        references=tuple(images["references"]),
+        source=images["source"],
+        number=it.number,
+        followups=it.followups,
+        origin=it.id,
+    )
+    return BenchmarkSample(it, images, request)
 
 
 class BenchmarkDataset:
@@ -401,18 +433,8 @@ class BenchmarkDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
-        it = self.items[i]
-        prep = resolve_reference_prep(it.prepare)
-        images = {
-            "images": [open_image(r) if prep is None else prep(open_image(r), str(r)) for r in it.images],
-            "source": open_image(it.source) if it.source is not None else None,
-            "reference": open_image(it.reference),
-            "mask": open_image(it.mask) if it.mask is not None else None,
-            "subject": open_image(it.subject) if it.subject is not None else None,
-            "baseline": open_image(it.baseline) if it.baseline is not None else None,
-        }
-        return {"item": Boxed(it), "images": images}
+    def __getitem__(self, i: int) -> BenchmarkSample:
+        return load_sample(self.items[i])
 
 
 class BenchmarkDataModule(MIGEDataModule):
@@ -434,17 +456,44 @@ class BenchmarkDataModule(MIGEDataModule):
             raise ValueError(f"data.benchmark: expected {{name: …, root: …}}, got {benchmark!r}")
         self.benchmark = dict(benchmark)
         self.batch_size = batch_size
+        self.protocol_reference_prep = "raw"  # the model's protocol's (use_protocol)
 
     @property
     def name(self) -> str:
         return self.benchmark["name"]
 
+    def output_judge(self):
+        """The synthetic world's pixel judge of the outputs (``test`` scores with it); None for the
+        other benchmarks."""
+        if self.name != "synthetic":
+            return None
+        from mige_world.scene_judge import SceneJudge
+
+        return SceneJudge(self.benchmark["root"], self.benchmark.get("split", "heldout"))
+
+    def use_protocol(self, protocol) -> None:
+        """The model's sampling and scoring protocol (``mige_lightning/protocol.py``, handed over by
+        the module): DreamBench references are prepared as it says unless ``benchmark.reference_prep``
+        names a preparation."""
+        self.protocol_reference_prep = protocol.reference_prep
+
+    @property
+    def reference_prep(self) -> str | None:
+        """How DreamBench's reference photos reach the model (the spec's ``reference_prep``, else
+        the protocol's); None on the other benchmarks, whose references are used as they ship."""
+        if self.name != "dreambench":
+            return None
+        return self.benchmark.get("reference_prep") or self.protocol_reference_prep
+
     def test_dataloader(self) -> DataLoader:
-        items = read_benchmark(self.benchmark)
+        spec = dict(self.benchmark)
+        if self.reference_prep is not None:
+            spec["reference_prep"] = self.reference_prep
+        items = read_benchmark(spec)
         log.info("benchmark %s: %d items", self.name, len(items))
         return DataLoader(
             BenchmarkDataset(items),
             batch_size=self.batch_size,
-            collate_fn=list,
+            collate_fn=SamplingBatch,
             num_workers=self.num_workers,
         )

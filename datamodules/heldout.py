@@ -14,18 +14,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import PIL.Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from datamodules.records import Record
+from mige_lightning.generate import GenerationRequest, SamplingBatch
 from mige_lightning.images import load_rgb
 from mige_lightning.prompt import Task
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HeldOutItem:
     record: Record
-    index: int  # position among the held-out records of its task: the sampling seed's offset
+    index: int  # position among the held-out records of its task: its request number (seed offset)
     scored: bool
+
+
+def heldout_id(task: Task, index: int) -> str:
+    """A held-out record's request id: ``<task>_<index>``, as in the synthetic world's
+    ``heldout_requests.jsonl`` and its judge's truth."""
+    return f"{task.value}_{index:03d}"
 
 
 def shard_heldout(
@@ -46,26 +54,40 @@ def shard_heldout(
     return batches
 
 
-class Rows:
-    """A batch's held-out items, opaque to Lightning's batch transfer (which refuses frozen
-    dataclasses and has nothing to move here): iterate or index it like a list."""
+@dataclass(frozen=True, eq=False)
+class HeldOutRow:
+    """A held-out record, loaded: its generation request, its target and its captions."""
 
-    def __init__(self, items: list[HeldOutItem]):
-        self._items = list(items)
+    request: GenerationRequest
+    record: Record
+    target: PIL.Image.Image
+    scored: bool  # False: a copy that keeps the ranks in step, not scored
 
-    def __iter__(self):
-        return iter(self._items)
+    @property
+    def input_caption(self) -> str | None:
+        return self.record.input_caption
 
-    def __len__(self) -> int:
-        return len(self._items)
+    @property
+    def output_caption(self) -> str | None:
+        return self.record.output_caption
 
-    def __getitem__(self, i: int) -> HeldOutItem:
-        return self._items[i]
+
+def load_heldout(item: HeldOutItem) -> HeldOutRow:
+    r = item.record
+    request = GenerationRequest(
+        id=heldout_id(r.task, item.index),
+        task=r.task,
+        instruction=r.instruction,
+        references=tuple(load_rgb(p) for p in r.references),
+        source=load_rgb(r.source) if r.source else None,
+        number=item.index,
+        origin=r.origin,
+    )
+    return HeldOutRow(request, r, load_rgb(r.target), item.scored)
 
 
 class HeldOutBatches(Dataset):
-    """One item per batch: ``{task, items, instruction, references, source, target, input_caption,
-    output_caption}`` with images loaded; a caption is None where the record has none."""
+    """One item per batch: a ``SamplingBatch`` of ``HeldOutRow`` (one task), images loaded."""
 
     def __init__(self, batches: list[list[HeldOutItem]]):
         self.batches = batches
@@ -73,23 +95,8 @@ class HeldOutBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> dict:
-        items = self.batches[i]
-        return {
-            "task": items[0].record.task,
-            "items": Rows(items),
-            "instruction": [it.record.instruction for it in items],
-            "references": [[load_rgb(p) for p in it.record.references] for it in items],
-            "source": [load_rgb(it.record.source) if it.record.source else None for it in items],
-            "target": [load_rgb(it.record.target) for it in items],
-            "input_caption": [it.record.input_caption for it in items],
-            "output_caption": [it.record.output_caption for it in items],
-        }
-
-
-def as_is(batch: dict) -> dict:
-    """Collate for a dataset whose items are already batches (``batch_size=None``)."""
-    return batch
+    def __getitem__(self, i: int) -> SamplingBatch:
+        return SamplingBatch(load_heldout(item) for item in self.batches[i])
 
 
 class RankLocalSampler(DistributedSampler):

@@ -169,7 +169,7 @@ def _write_cache(
     vision_resolution: int,
     batch_size: int,
 ) -> None:
-    images = sorted({str(p.resolve()) for r in records for p in r.images})
+    images = sorted({str(p.resolve()) for r in records for p in r.files})
     refs = sorted({str(p.resolve()) for r in records for p in r.references})
     moments = None
     for start in range(0, len(images), batch_size):
@@ -222,7 +222,7 @@ def missing_from_cache(cache: LatentCache, records: Iterable[Record]) -> list[st
     """Images of ``records`` the cache does not hold (new data since it was built)."""
     out = []
     for r in records:
-        for p in r.images:
+        for p in r.files:
             if str(p.resolve()) not in cache.latent_rows:
                 out.append(f"{r.origin}: {p}")
         for p in r.references:

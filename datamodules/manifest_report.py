@@ -1,7 +1,5 @@
-"""``python -m mige_lightning inspect`` / ``inspect-manifest``: what is in a set of manifests.
-
-    python -m mige_lightning inspect-manifest data/mige/*.json --base /data/mige
-    python -m mige_lightning inspect --config configs/mige_xl.yaml [--json]
+"""What is in a set of manifests (``python -m mige_lightning inspect`` / ``inspect-manifest``,
+whose command lines are ``mige_cli/inspect_manifests.py``).
 
 Per manifest and per task: record counts, references per record, image sizes, the spellings of
 the placeholder, problems by reason — and, for every record, the task its shape says it has
@@ -12,8 +10,6 @@ for their headers only.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -32,6 +28,7 @@ from datamodules.records import (
 )
 from datamodules.validation import check_records
 from mige_lightning.images import not_a_regular_file, upright_size
+from mige_world.synthetic import DEFAULT_WORLD_ROOT
 
 _PLACEHOLDER_ANY_CASE = re.compile(r"<imagehere>", flags=re.IGNORECASE)
 
@@ -104,7 +101,7 @@ def inspect_manifest(
     problems += bad
     sizes = []
     if check_images:
-        for p in sorted({p for rec in good for p in rec.images}):
+        for p in sorted({p for rec in good for p in rec.files}):
             size = _size(p)
             if size is not None:
                 sizes.append(size)
@@ -186,49 +183,9 @@ def specs_from_configs(paths: list[str]) -> list[dict[str, Any]]:
         for spec in specs:
             spec.setdefault("base", data["root"])
     if data.get("synthetic"):
-        from mige_lightning.synthetic import manifest_specs
+        from mige_world.synthetic import manifest_specs
 
-        specs += manifest_specs(data["synthetic"].get("root", "data/demo"), "train")
+        specs += manifest_specs(data["synthetic"].get("root", DEFAULT_WORLD_ROOT), "train")
     if not specs:
         raise ValueError(f"no data.manifests (or data.synthetic) in {paths}")
     return specs
-
-
-def main(argv: list[str], *, by_config: bool) -> list[dict[str, Any]]:
-    prog = "inspect" if by_config else "inspect-manifest"
-    parser = argparse.ArgumentParser(
-        prog=f"python -m mige_lightning {prog}",
-        description="Summarise manifests: tasks (declared and by shape), references, image sizes, "
-        "placeholder spellings, problems by reason.",
-    )
-    if by_config:
-        parser.add_argument("--config", action="append", required=True, help="fit's config file(s)")
-    else:
-        parser.add_argument("manifests", nargs="+", help="manifest files (JSON list or JSONL)")
-        parser.add_argument("--base", default=None, help="folder relative paths resolve against")
-        parser.add_argument("--task", default=None, help="the task of every record without a 'task' field")
-        parser.add_argument("--subtask", default=None)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--no-images", action="store_true", help="do not open images (faster)")
-    args = parser.parse_args(argv)
-    if by_config:
-        specs = specs_from_configs(args.config)
-    else:
-        specs = [
-            {"path": m, "task": args.task, "subtask": args.subtask, "base": args.base} for m in args.manifests
-        ]
-    summaries = [
-        inspect_manifest(
-            s["path"],
-            task=s.get("task"),
-            subtask=s.get("subtask"),
-            base=s.get("base"),
-            check_images=not args.no_images,
-        )
-        for s in specs
-    ]
-    if args.json:
-        print(json.dumps(summaries, indent=2))
-    else:
-        print("\n\n".join(format_summary(s) for s in summaries))
-    return summaries

@@ -67,7 +67,8 @@ class Record:
         return f"{self.task.value}/{self.subtask}" if self.subtask else self.task.value
 
     @property
-    def images(self) -> tuple[Path, ...]:
+    def files(self) -> tuple[Path, ...]:
+        """Every image file the record names: target, references, source."""
         return (self.target, *self.references, *((self.source,) if self.source else ()))
 
 

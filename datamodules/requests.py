@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import MIGEDataModule
 from datamodules.records import ManifestError, Problem, read_lines, shape_mismatch, too_deep
+from mige_lightning.generate import GenerationRequest, SamplingBatch
 from mige_lightning.images import ImageRefusedError, load_rgb, not_a_regular_file
 from mige_lightning.prompt import Task, count_placeholders, placeholders_cut
 
@@ -70,13 +71,15 @@ def check_id(value: Any) -> tuple[str | None, str | None]:
 
 @dataclass(frozen=True)
 class Request:
+    """A request as read from its file (paths; ``images`` in the file fills ``references``)."""
+
     id: str
     task: Task
     instruction: str
-    images: tuple[Path, ...]
+    references: tuple[Path, ...]
     source: Path | None
     origin: str
-    index: int  # position among the file's good requests: the default seed offset
+    number: int  # position among the file's good requests of its task: the default seed offset
     options: tuple[tuple[str, Any], ...] = ()  # seed / scales / steps / resize_to_source, when given
     warnings: tuple[str, ...] = ()  # what of the instruction the model will not see (unseen_text: warn)
 
@@ -175,7 +178,7 @@ def _parse(obj: Any, *, origin: str, base: Path) -> tuple[dict, str | None]:
     fields = dict(
         task=task,
         instruction=obj["instruction"],
-        images=images,
+        references=images,
         source=source,
         options=tuple(options.items()),
     )
@@ -216,8 +219,37 @@ def read_requests(path: str | Path) -> tuple[list[Request], list[Problem]]:
             problems.append(Problem(origin, "bad request", error))
             continue
         ids.add(rid.lower())
-        requests.append(Request(id=rid, origin=origin, index=len(requests), **fields))
+        number = sum(r.task is fields["task"] for r in requests)
+        requests.append(Request(id=rid, origin=origin, number=number, **fields))
     return requests, problems
+
+
+@dataclass(frozen=True, eq=False)
+class PredictItem:
+    """A request as read (``spec``: paths, origin, warnings) and as generated (``request``: images
+    loaded, options applied)."""
+
+    spec: Request
+    request: GenerationRequest
+
+
+def load_request(r: Request) -> PredictItem:
+    options = dict(r.options)
+    request = GenerationRequest(
+        id=r.id,
+        task=r.task,
+        instruction=r.instruction,
+        references=tuple(load_rgb(p) for p in r.references),
+        source=load_rgb(r.source) if r.source else None,
+        number=r.number,
+        seed=options.get("seed"),
+        num_inference_steps=options.get("num_inference_steps"),
+        guidance_scale=options.get("guidance_scale"),
+        image_guidance_scale=options.get("image_guidance_scale"),
+        resize_to_source=bool(options.get("resize_to_source", False)),
+        origin=r.origin,
+    )
+    return PredictItem(r, request)
 
 
 class RequestDataset(Dataset):
@@ -227,29 +259,8 @@ class RequestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.requests)
 
-    def __getitem__(self, i: int) -> dict:
-        r = self.requests[i]
-        # a plain dict: Lightning's batch transfer rejects frozen dataclasses
-        request = {
-            "id": r.id,
-            "task": r.task.value,
-            "instruction": r.instruction,
-            "images": [str(p) for p in r.images],
-            "source": str(r.source) if r.source else None,
-            "origin": r.origin,
-            "index": r.index,
-            **({"warnings": list(r.warnings)} if r.warnings else {}),
-            **dict(r.options),
-        }
-        return {
-            "request": request,
-            "images": [load_rgb(p) for p in r.images],
-            "source": load_rgb(r.source) if r.source else None,
-        }
-
-
-def collate_requests(items: list[dict]) -> list[dict]:
-    return items
+    def __getitem__(self, i: int) -> PredictItem:
+        return load_request(self.requests[i])
 
 
 class RequestDataModule(MIGEDataModule):
@@ -285,7 +296,7 @@ class RequestDataModule(MIGEDataModule):
         unseen = self.check_instructions(
             [r.task.value for r in requests],
             [r.instruction for r in requests],
-            [len(r.images) for r in requests],
+            [len(r.references) for r in requests],
         )
         kept, problems = [], []
         for r, u in zip(requests, unseen, strict=True):
@@ -302,16 +313,16 @@ class RequestDataModule(MIGEDataModule):
     def predict_dataloader(self) -> DataLoader:
         requests, problems = read_requests(self.requests)
         if self.max_images is not None:  # more references than the model takes: that request only
-            too_many = [r for r in requests if len(r.images) > self.max_images]
+            too_many = [r for r in requests if len(r.references) > self.max_images]
             problems += [
                 Problem(
                     r.origin,
                     "too many references",
-                    f"{len(r.images)} images; the model allows {self.max_images}",
+                    f"{len(r.references)} images; the model allows {self.max_images}",
                 )
                 for r in too_many
             ]
-            requests = [r for r in requests if len(r.images) <= self.max_images]
+            requests = [r for r in requests if len(r.references) <= self.max_images]
         requests, unseen = self._check_text(requests)
         problems += unseen
         for p in problems:
@@ -323,6 +334,6 @@ class RequestDataModule(MIGEDataModule):
         return DataLoader(
             RequestDataset(requests),
             batch_size=self.batch_size,
-            collate_fn=collate_requests,
+            collate_fn=SamplingBatch,
             num_workers=self.num_workers,
         )

@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import MIGEDataModule
 from datamodules.dataset import MIGEDataset, collate
-from datamodules.heldout import HeldOutBatches, RankLocalSampler, as_is, shard_heldout
+from datamodules.heldout import HeldOutBatches, RankLocalSampler, shard_heldout
 from datamodules.latent_cache import LatentCache, StaleCacheError, missing_from_cache
 from datamodules.records import ManifestError, Problem, Record, read_manifest
 from datamodules.streaming import Shards, check_streaming_spec, streaming_loader
 from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler, check_pool_weights
 from datamodules.validation import check_records, resolve_problems
+from mige_lightning.generate import SamplingBatch
 from mige_lightning.transforms import Transforms
+from mige_world.synthetic import DEFAULT_WORLD_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +184,9 @@ class TrainingDataModule(MIGEDataModule):
     def manifest_specs(self) -> list[dict[str, Any]]:
         specs = list(self.manifests)
         if self.synthetic:
-            from mige_lightning.synthetic import manifest_specs
+            from mige_world.synthetic import manifest_specs
 
-            specs += manifest_specs(self.synthetic.get("root", "data/demo"), "train")
+            specs += manifest_specs(self.synthetic.get("root", DEFAULT_WORLD_ROOT), "train")
         return specs
 
     @property
@@ -196,10 +198,10 @@ class TrainingDataModule(MIGEDataModule):
     # ------------------------------------------------------------------------------- stages
     def prepare_data(self) -> None:
         if self.synthetic:
-            from mige_lightning.synthetic import generate
+            from mige_world.synthetic import generate
 
             spec = dict(self.synthetic)
-            root = Path(spec.pop("root", "data/demo"))
+            root = Path(spec.pop("root", DEFAULT_WORLD_ROOT))
             if not (root / "world.json").is_file():
                 generate(root, **spec)
 
@@ -286,13 +288,22 @@ class TrainingDataModule(MIGEDataModule):
         self._validated = True
         return self.records
 
+    def output_judge(self):
+        """The synthetic world's pixel judge of held-out outputs (validation scores with it); None
+        without ``synthetic``."""
+        if not self.synthetic:
+            return None
+        from mige_world.scene_judge import SceneJudge
+
+        return SceneJudge(self.synthetic.get("root", DEFAULT_WORLD_ROOT), "heldout")
+
     def val_records(self) -> list[Record]:
         """Held-out records (``val_manifests`` + the synthetic world's held-out split); bad ones are an error."""
         specs = list(self.val_manifests)
         if self.synthetic:
-            from mige_lightning.synthetic import manifest_specs
+            from mige_world.synthetic import manifest_specs
 
-            specs += manifest_specs(self.synthetic.get("root", "data/demo"), "heldout")
+            specs += manifest_specs(self.synthetic.get("root", DEFAULT_WORLD_ROOT), "heldout")
         records, problems = [], []
         for spec in specs:
             recs, probs = read_manifest(
@@ -400,7 +411,10 @@ class TrainingDataModule(MIGEDataModule):
             records, world=world, rank=rank, batch_size=self.val_batch_size, per_task=self.val_per_task
         )
         return DataLoader(
-            HeldOutBatches(batches), batch_size=None, sampler=RankLocalSampler(len(batches)), collate_fn=as_is
+            HeldOutBatches(batches),
+            batch_size=None,
+            sampler=RankLocalSampler(len(batches)),
+            collate_fn=SamplingBatch,
         )
 
     # ---------------------------------------------------------------------------- resumption

@@ -82,21 +82,21 @@ def check_records(
                 f"{len(rec.references)} reference images; the model allows {max_images}",
             )
             continue
-        outside = [p for p in rec.images if not resolve(p).is_relative_to(real_root)]
+        outside = [p for p in rec.files if not resolve(p).is_relative_to(real_root)]
         if outside:
             problems[rec.origin] = Problem(
                 rec.origin, "path escapes data root", f"path {outside[0]} escapes the data root {root}"
             )
     # the decode is optional; that every image is a regular file is not (a run would otherwise
     # stop mid-epoch on a bare FileNotFoundError)
-    unique = sorted({p for rec in records if rec.origin not in problems for p in rec.images})
+    unique = sorted({p for rec in records if rec.origin not in problems for p in rec.files})
     check = _image_error if check_images else _file_error
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
         errors = dict(zip(unique, pool.map(check, unique), strict=True))
     for rec in records:
         if rec.origin in problems:
             continue
-        for p in rec.images:
+        for p in rec.files:
             if errors[p] is not None:
                 kind, detail = errors[p]
                 problems[rec.origin] = Problem(rec.origin, kind, detail)

@@ -7,10 +7,12 @@ module then reads latents from there instead of decoding and encoding images eve
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from datamodules.latent_cache import build_cache
 from datamodules.training_data import TrainingDataModule
+from mige_cli.cli import MIGECLI, run_cli
 from mige_lightning.module import MIGELightningModule
 
 log = logging.getLogger(__name__)
@@ -40,3 +42,12 @@ def cache_latents(
     )
     print(f"latent cache written: {directory} ({len(records)} records)")
     return directory
+
+
+def main(argv: list[str]) -> MIGECLI:
+    """fit's config (model + data) → every image encoded once into ``data.latent_cache``."""
+    with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = run_cli(argv, run=False)
+    cache_latents(cli.model, cli.datamodule)
+    return cli

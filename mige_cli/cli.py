@@ -241,6 +241,29 @@ CLI_CLASSES = {
 }
 
 
+class _Built(Exception):
+    def __init__(self, parser):
+        super().__init__("parser built")
+        self.parser = parser
+
+
+def cli_parser(subcommand: str | None = None):
+    """The LightningCLI's parser of ``subcommand`` (fit / validate / test / predict), or with None
+    the parser of fit's config without a subcommand (what ``cache-latents``, ``export``,
+    ``optimize-data`` and ``pretrain-world`` read their remaining arguments with): built, nothing
+    parsed, nothing run."""
+
+    class _ParserOnly(MIGECLI):
+        def parse_arguments(self, parser, args) -> None:
+            raise _Built(self._parser(subcommand))
+
+    try:
+        _ParserOnly(**CLI_CLASSES, args=[], run=subcommand is not None)
+    except _Built as built:
+        return built.parser
+    raise AssertionError("LightningCLI parsed arguments without calling parse_arguments")
+
+
 def run_cli(args: list[str] | None = None, *, run: bool = True) -> MIGECLI:
     """LightningCLI over the module and the data modules (``fit`` / ``validate`` / ``test`` / ``predict``)."""
     # config.yaml: in the run's folder (the logger's, predict's / test's output_dir), never the

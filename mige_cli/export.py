@@ -168,7 +168,7 @@ def load_exported(directory: str | Path, *, device: str | torch.device = "cpu") 
     return module.to(device).eval()
 
 
-def export_main(argv: list[str]) -> Path:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mige_lightning export",
         description="Write one safetensors file + config.json from a (sharded) training checkpoint. "
@@ -185,7 +185,11 @@ def export_main(argv: list[str]) -> Path:
     parser.add_argument(
         "--overwrite", action="store_true", help="write into an --output folder that is not empty"
     )
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def export_main(argv: list[str]) -> Path:
+    args, rest = build_parser().parse_known_args(argv)
     check_output(args.output, overwrite=args.overwrite)  # before the model is built
     with warnings.catch_warnings():  # LightningCLI warns when args and sys.argv both exist
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

@@ -3,7 +3,7 @@
     python -m mige_lightning judge-synthetic --world data/demo --predictions predictions/demo
 
 Reads ``<predictions>/predictions.jsonl`` (ids as in the world's ``heldout_requests.jsonl``), reads
-every output image back with the pixel judge (``mige_lightning/scene_judge.py``), and writes beside
+every output image back with the pixel judge (``mige_world/scene_judge.py``), and writes beside
 the predictions: ``judge.csv`` (one row per image: what was wrong), ``judge.json`` and
 ``judge.md`` (scene / element accuracy per task and per edit kind, with the copy-the-input
 baseline row) and ``contact_sheet.png`` (per row: source | references | output | target). The
@@ -22,8 +22,12 @@ import torch
 from torchvision.transforms import v2
 from torchvision.utils import make_grid, save_image
 
+from mige_lightning.evaluation import BASELINE, format_table
+from mige_lightning.generate import GenerationRequest
 from mige_lightning.images import load_rgb
-from mige_lightning.scene_judge import JudgedSample, SceneAccuracy, format_table, load_truth, world_size
+from mige_lightning.prompt import Task
+from mige_world.scene_judge import JudgedSample, SceneJudge, load_truth
+from mige_world.synthetic import DEFAULT_WORLD_ROOT
 
 
 def contact_sheet(samples: list[JudgedSample], outputs: list, path: Path, *, tile: int = 96) -> None:
@@ -61,7 +65,6 @@ def judge_predictions(
     world, predictions = Path(world), Path(predictions)
     output_dir = Path(output_dir) if output_dir else predictions
     truth = load_truth(world, "heldout")
-    size = world_size(world)
     log = predictions / "predictions.jsonl"
     if not log.is_file():
         raise FileNotFoundError(f"{log}: no predictions log; run `predict` first")
@@ -94,26 +97,13 @@ def judge_predictions(
         )
     samples = [truth[e["id"]] for e in entries]
     outputs = [load_rgb(predictions / e["file"]) for e in entries]
-    model, baseline = SceneAccuracy(size=size), SceneAccuracy(size=size)
-    rows = []
-    for e, sample, out in zip(entries, samples, outputs, strict=True):
-        model.update([out], [sample.scene], [sample.kind])
-        baseline.update([load_rgb(sample.input_image)], [sample.scene], [sample.kind])
-        v, b = model.last[0], baseline.last[0]
-        rows.append(
-            {
-                "id": e["id"],
-                "task": sample.task,
-                "kind": sample.kind,
-                "instruction": sample.instruction,
-                "scene_correct": int(v.scene_correct),
-                "element_acc": round(v.element_accuracy, 4),
-                "wrong": " ".join(v.wrong),
-                "baseline_scene_correct": int(b.scene_correct),
-                "baseline_element_acc": round(b.element_accuracy, 4),
-            }
-        )
-    table = {"model": model.compute(), "copy-the-input baseline": baseline.compute()}
+    judge = SceneJudge(world, "heldout")
+    verdicts = judge.update(outputs, [s.target for s in samples])
+    rows = [
+        {"id": e["id"], "task": s.task, "kind": s.kind, "instruction": s.instruction, **verdict}
+        for e, s, verdict in zip(entries, samples, verdicts, strict=True)
+    ]
+    table = judge.compute()
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "judge.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -138,37 +128,47 @@ def judged_of(counts: dict) -> str:
     )
 
 
+def heldout_requests(world: str | Path, *, split: str = "heldout", per_task: int | None = None) -> list:
+    """A split's samples as generation requests (ids as in ``heldout_requests.jsonl``, numbered
+    within their task: the same seeds as validation, ``test`` and ``predict`` give them) →
+    ``[(JudgedSample, GenerationRequest)]``; the first ``per_task`` of each task, or all."""
+    out, counts = [], {}
+    for rid, sample in load_truth(world, split).items():
+        number = counts[sample.task] = counts.get(sample.task, -1) + 1
+        if per_task is not None and number >= per_task:
+            continue
+        request = GenerationRequest(
+            id=rid,
+            task=Task.parse(sample.task),
+            instruction=sample.instruction,
+            references=tuple(load_rgb(p) for p in sample.references),
+            source=load_rgb(sample.source) if sample.source else None,
+            number=number,
+            origin=str(sample.target),
+        )
+        out.append((sample, request))
+    return out
+
+
 @torch.no_grad()
 def judge_module(
     module, world: str | Path, *, split: str = "heldout", per_task: int | None = None, chunk: int = 64
 ) -> dict[str, dict]:
     """Sample a split's requests (the first ``per_task`` of each task, or all) with a module's
-    pipeline as it stands (its weights and task defaults; seeds 0…n−1 per task) and judge the
-    outputs → ``{"model": …, "baseline": …}``."""
+    pipeline as it stands (its weights and task defaults) through the module's one sampling path
+    (``module.generate``), ``chunk`` requests at a time, and judge the outputs →
+    ``{"model": …, "baseline": …}``."""
     module.model.eval()
     pipe = module.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    size = world_size(world)
-    model, baseline = SceneAccuracy(size=size), SceneAccuracy(size=size)
-    by_task: dict[str, list[JudgedSample]] = {}
-    for sample in load_truth(world, split).values():
-        by_task.setdefault(sample.task, []).append(sample)
-    for task, samples in by_task.items():
-        samples = samples[:per_task]
-        for start in range(0, len(samples), chunk):
-            part = samples[start : start + chunk]
-            out = pipe(
-                [s.instruction for s in part],
-                task=task,
-                images=[[load_rgb(p) for p in s.references] for s in part],
-                source=[load_rgb(s.source) if s.source else None for s in part],
-                seeds=list(range(start, start + len(part))),
-                batch_invariant=False,
-            )
-            scenes, kinds = [s.scene for s in part], [s.kind for s in part]
-            model.update(out.images, scenes, kinds)
-            baseline.update([load_rgb(s.input_image) for s in part], scenes, kinds)
-    return {"model": model.compute(), "baseline": baseline.compute()}
+    judge = SceneJudge(world, split)
+    pairs = heldout_requests(world, split=split, per_task=per_task)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        generated = module.generate(pipe, [r for _, r in part], eval_steps=True)
+        judge.update([g.image for g in generated], [s.target for s, _ in part])
+    table = judge.compute()
+    return {"model": table["model"], "baseline": table[BASELINE]}
 
 
 def judge_checkpoint(
@@ -188,9 +188,9 @@ def judge_checkpoint(
     return judge_module(module, world, split=split)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mige_lightning judge-synthetic", description=__doc__)
-    ap.add_argument("--world", default="data/demo", help="the generated world (data.synthetic.root)")
+    ap.add_argument("--world", default=DEFAULT_WORLD_ROOT, help="the generated world (data.synthetic.root)")
     ap.add_argument("--predictions", default="predictions/demo", help="the predict run's output_dir")
     ap.add_argument("--output", default=None, help="where to write the tables (default: --predictions)")
     ap.add_argument(
@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="judge a partial predict run (default: an error when a held-out request has no prediction)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     table = judge_predictions(args.world, args.predictions, args.output, allow_missing=args.allow_missing)
     out = Path(args.output or args.predictions)
     counts = json.loads((out / "judge.json").read_text())

@@ -43,7 +43,7 @@ from mige_lightning.module import MIGELightningModule
 log = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mige_lightning optimize-data",
         description="Write the training records as litdata shards, one dataset per task pool. Other "
@@ -72,6 +72,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="how the workers start (litdata's default, spawn; fork starts faster on small data)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         args.storage_options = json.loads(args.storage_options)

@@ -1,8 +1,5 @@
-"""``python -m mige_lightning convert-authors``: the authors' released ``model.pth`` → our model.
-
-    python -m mige_lightning convert-authors --input model.pth --output converted/mige_authors
-    python -m mige_lightning predict --config configs/mige_xl.yaml \\
-        --config converted/mige_authors/config.yaml --data.predict_file requests.json
+"""The authors' released ``model.pth`` → our model (``python -m mige_lightning convert-authors``,
+whose command line is ``mige_cli/convert_authors.py``).
 
 The authors' file is a ``torch.save``d dict whose ``state_dict`` holds their whole ``MIGE`` module
 (LAVIS EVA ViT-g and Q-Former, T5-XXL encoder, fusion module, original-PixArt DiT names) with no
@@ -21,7 +18,6 @@ file does not hold) is filled, and every shape matches the model ``--preset`` bu
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -341,6 +337,8 @@ def model_config_yaml(
         },
         "init_weights": str(weights.resolve()),
         "prompt_style": "authors_inference",
+        # sample and score as the authors' release does (mige_lightning/protocol.py)
+        "protocol": "authors",
     }
     header = (
         f"# Written by `python -m mige_lightning convert-authors` from {source}.\n"
@@ -349,7 +347,9 @@ def model_config_yaml(
         "# Config files merge model.overrides key by key: after a config with overrides of its own,\n"
         "# clear them first (--model.overrides=null --config <this file>).\n"
         "# The overrides make the model compute what the authors' code computes; prompt_style\n"
-        "# authors_inference samples with their inference scripts' prompts (training is unaffected).\n"
+        "# authors_inference samples with their inference scripts' prompts (training is unaffected);\n"
+        "# protocol authors samples and scores as their release does (bf16 timesteps, posterior samples,\n"
+        "# their resize and DPM-Solver grid; JPEG-75 outputs, subjects on black: mige_lightning/protocol.py).\n"
     )
     return header + json.dumps({"model": model}, indent=2) + "\n"  # JSON is YAML
 
@@ -421,44 +421,3 @@ def _shared(state: dict[str, torch.Tensor]) -> set[int]:
     """Storage pointers used by more than one tensor (a split's parts share their source's)."""
     seen = Counter(t.untyped_storage().data_ptr() for t in state.values())
     return {ptr for ptr, n in seen.items() if n > 1}
-
-
-def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m mige_lightning convert-authors",
-        description="Convert the authors' released MIGE checkpoint (model.pth) into this project's "
-        "model: writes model.safetensors, config.yaml (the model: section that loads it) and report.json.",
-    )
-    parser.add_argument("--input", required=True, help="the authors' checkpoint (model.pth)")
-    parser.add_argument("--output", required=True, help="folder to write into")
-    parser.add_argument("--preset", default="xl", help="our preset the checkpoint fits (default xl)")
-    parser.add_argument("--overrides", default=None, help="JSON: model.overrides for other dimensions")
-    parser.add_argument(
-        "--tokenizer", default="google/t5-v1_1-xxl", help="tokenizer for the config (the authors': T5 v1.1)"
-    )
-    parser.add_argument(
-        "--vae",
-        default="stabilityai/sd-vae-ft-ema",
-        help="VAE for the config ('none': the preset's random one)",
-    )
-    parser.add_argument("--entry", default="state_dict", help="top-level entry holding the weights")
-    args = parser.parse_args(argv)
-    report = convert_authors(
-        args.input,
-        args.output,
-        preset=args.preset,
-        overrides=json.loads(args.overrides) if args.overrides else None,
-        tokenizer=None if args.tokenizer == "none" else args.tokenizer,
-        vae=None if args.vae == "none" else args.vae,
-        key=args.entry,
-    )
-    print(
-        f"converted {report['source_tensors']} tensors of {args.input} into {report['written_tensors']} "
-        f"({', '.join(f'{g} {n}' for g, n in report['by_group'].items())}); dropped "
-        f"{len(report['dropped'])}: {', '.join(report['dropped'])}"
-    )
-    check = report["pos_embed_check"]
-    if check.get("present"):
-        print(f"DiT position table: file vs recomputed, max |diff| = {check.get('max_abs_diff')}")
-    print(f"wrote {args.output}/model.safetensors, config.yaml, report.json")
-    return report

@@ -254,23 +254,26 @@ class GaussianDiffusion(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ guidance
-def cfg_2way(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """``e(∅) + s_y · (e(c) − e(∅))`` (subject-driven generation)."""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+def cfg_2way(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """``p(∅) + guidance_scale · (p(c) − p(∅))`` (subject-driven generation), where p is the
+    network's prediction — ε, v or x₀, whichever ``prediction_type`` it was trained for: the
+    combination is linear, so it is the same for each."""
+    return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
 
 def cfg_3way(
-    eps_null_zero: torch.Tensor,
-    eps_null_src: torch.Tensor,
-    eps_cond_src: torch.Tensor,
+    pred_null_zero: torch.Tensor,
+    pred_null_src: torch.Tensor,
+    pred_cond_src: torch.Tensor,
     *,
-    text_scale: float,
-    image_scale: float,
+    guidance_scale: float,
+    image_guidance_scale: float,
 ) -> torch.Tensor:
-    """InstructPix2Pix form (editing), with e(condition, conditional input):
-    ``e(∅, 0) + s_s · (e(∅, src) − e(∅, 0)) + s_y · (e(c, src) − e(∅, src))``."""
+    """InstructPix2Pix form (editing), with p(condition, conditional input) the prediction:
+    ``p(∅, 0) + image_guidance_scale · (p(∅, src) − p(∅, 0)) + guidance_scale · (p(c, src) − p(∅, src))``
+    (the paper's s_s and s_y)."""
     return (
-        eps_null_zero
-        + image_scale * (eps_null_src - eps_null_zero)
-        + text_scale * (eps_cond_src - eps_null_src)
+        pred_null_zero
+        + image_guidance_scale * (pred_null_src - pred_null_zero)
+        + guidance_scale * (pred_cond_src - pred_null_src)
     )

@@ -14,9 +14,10 @@ preservation: the subject cropped from the output (pluggable ``crop_fn``) agains
 from __future__ import annotations
 
 import importlib
-import math
+import io
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -33,6 +34,7 @@ from mige_lightning.metrics import (
 )
 
 SCENE_VALUES = ("scene_acc", "element_acc")  # per task / kind, from the synthetic world's judge
+BASELINE = "copy-the-input baseline"  # the baseline's row label in every table
 CropFn = Callable[[PIL.Image.Image, PIL.Image.Image | None], PIL.Image.Image]
 
 
@@ -47,18 +49,48 @@ def crop_with_mask(image: PIL.Image.Image, mask: PIL.Image.Image | None) -> PIL.
     return image.crop((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
 
 
+def crop_with_mask_on_black(image: PIL.Image.Image, mask: PIL.Image.Image | None) -> PIL.Image.Image:
+    """``crop_with_mask`` with every pixel outside the mask black: the authors' subject crop (their
+    MIGEBench script zeroes all but the segmented subject, then crops its box)."""
+    if mask is None:
+        return image
+    m = np.asarray(mask.convert("L").resize(image.size, PIL.Image.NEAREST)) > 127
+    if not m.any():
+        return image
+    keep = PIL.Image.fromarray(m.astype(np.uint8) * 255, "L")
+    on_black = PIL.Image.composite(image.convert("RGB"), PIL.Image.new("RGB", image.size), keep)
+    return crop_with_mask(on_black, mask)
+
+
+CROP_FNS: dict[str, CropFn] = {"mask": crop_with_mask, "mask_black": crop_with_mask_on_black}
+
+
 def resolve_crop_fn(name: str) -> CropFn:
-    """``mask`` (default), or ``package.module:function`` — e.g. a Grounded-SAM wrapper taking
-    (image, mask) and returning the subject crop."""
-    if name == "mask":
-        return crop_with_mask
+    """``mask`` (default: the mask's box), ``mask_black`` (the box with the background black, as
+    the authors), or ``package.module:function`` — e.g. a Grounded-SAM wrapper taking (image,
+    mask) and returning the subject crop."""
+    if name in CROP_FNS:
+        return CROP_FNS[name]
     if ":" not in name:
-        raise ValueError(f"model.eval_crop_fn: expected 'mask' or 'package.module:function', got {name!r}")
+        raise ValueError(
+            f"model.eval_metrics.crop_fn: expected one of {sorted(CROP_FNS)} or 'package.module:function', "
+            f"got {name!r}"
+        )
     module, fn = name.split(":", 1)
     try:
         return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"model.eval_crop_fn: cannot import {name!r}: {e}") from e
+        raise ValueError(f"model.eval_metrics.crop_fn: cannot import {name!r}: {e}") from e
+
+
+def jpeg_round_trip(image: PIL.Image.Image, quality: int) -> PIL.Image.Image:
+    """``image`` written as a JPEG at ``quality`` and read back: what a scorer reading ``.jpg``
+    files sees (the authors' inference scripts save ``{idx}.jpg`` at PIL's default, 75)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with PIL.Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
 
 
 class MaskedPixelError(MeanScore):
@@ -81,10 +113,23 @@ class MaskedPixelError(MeanScore):
 
 
 class BenchmarkEvaluator(nn.Module):
+    """``crop_fn``: the subject crop (``resolve_crop_fn``); ``jpeg_quality``: score each generated
+    image after a JPEG round trip at this quality (the authors score their saved ``.jpg`` files:
+    75), None = as generated; ``judge``: the data's own judge of outputs, where it has one (the
+    synthetic world's pixel judge, ``output_judge()`` of its data module)."""
+
     def __init__(
-        self, *, dino: str | None, clip_model: str, clip_pretrained: str | None, crop_fn: str = "mask"
+        self,
+        *,
+        dino: str | None,
+        clip_model: str,
+        clip_pretrained: str | None,
+        crop_fn: str = "mask",
+        jpeg_quality: int | None = None,
+        judge: nn.Module | None = None,
     ):
         super().__init__()
+        self.jpeg_quality = jpeg_quality
         self.model_metrics = nn.ModuleDict(
             build_metrics(dino=dino, clip_model=clip_model, clip_pretrained=clip_pretrained)
         )
@@ -101,36 +146,14 @@ class BenchmarkEvaluator(nn.Module):
                 extra["subject_clip_i"] = CLIPImageScore(metric.embedder)
         self.extra_metrics = nn.ModuleDict(extra)
         self.crop = resolve_crop_fn(crop_fn)
-        self.scene_metrics: nn.ModuleDict | None = None  # the synthetic world: {model, baseline} judges
+        self.judge = judge  # update(outputs, targets) → rows; compute() → {label: groups}
 
-    def _judge(self, outputs, items, baselines) -> dict[str, list]:
-        """Scene judge on items that carry their scene (the synthetic world); per-sample columns."""
-        from mige_lightning.scene_judge import SceneAccuracy
-
-        n = len(items)
-        rows = {k: [float("nan")] * n for k in ("scene_correct", "element_acc", "wrong")}
-        rows.update({f"baseline_{k}": [float("nan")] * n for k in ("scene_correct", "element_acc")})
-        judged = [i for i, it in enumerate(items) if "scene" in it.meta]
-        if not judged:
+    def _judge(self, outputs, items) -> dict[str, list]:
+        """The data's judge, where it has one: per-sample columns, by each item's reference."""
+        if self.judge is None:
             return {}
-        if self.scene_metrics is None:
-            size = items[judged[0]].meta["size"]
-            self.scene_metrics = nn.ModuleDict(
-                {"model": SceneAccuracy(size=size), "baseline": SceneAccuracy(size=size)}
-            )
-        scenes = [items[i].meta["scene"] for i in judged]
-        kinds = [items[i].meta["kind"] for i in judged]
-        for name, images in (("model", outputs), ("baseline", baselines)):
-            metric = self.scene_metrics[name]
-            metric.update([images[i] for i in judged], scenes, kinds)
-            prefix = "" if name == "model" else "baseline_"
-            for j, i in enumerate(judged):
-                v = metric.last[j]
-                rows[f"{prefix}scene_correct"][i] = float(v.scene_correct)
-                rows[f"{prefix}element_acc"][i] = v.element_accuracy
-                if name == "model":
-                    rows["wrong"][i] = " ".join(v.wrong)
-        return rows
+        verdicts = self.judge.update(outputs, [it.reference for it in items])
+        return {k: [v[k] for v in verdicts] for k in verdicts[0]} if verdicts else {}
 
     def _score(self, metrics: nn.ModuleDict, outputs, items, images) -> dict[str, list[float]]:
         """Update ``metrics`` for one batch; per-sample values (NaN = not applicable)."""
@@ -155,6 +178,8 @@ class BenchmarkEvaluator(nn.Module):
 
     def update(self, outputs: list[PIL.Image.Image], items: list, images: list[dict]) -> list[dict]:
         """Score a batch (model outputs and the baseline); returns one row of values per item."""
+        if self.jpeg_quality is not None:  # scored as the file a JPEG-writing pipeline would read back
+            outputs = [jpeg_round_trip(image, self.jpeg_quality) for image in outputs]
         model_rows = self._score(self.model_metrics, outputs, items, images)
         baselines = [
             next(im[k] for k in ("baseline", "source", "reference") if im.get(k) is not None) for im in images
@@ -187,12 +212,10 @@ class BenchmarkEvaluator(nn.Module):
                     self.extra_metrics[name].update(crops, [images[i]["subject"] for i in subj])
                     for j, i in enumerate(subj):
                         extra_rows[name][i] = self.extra_metrics[name].last[j].item()
-        judge_rows = self._judge(outputs, items, baselines)
+        judge_rows = self._judge(outputs, items)
         rows = []
         for i, item in enumerate(items):
             row = {"id": item.id, "task": item.task.value, "instruction": item.instruction}
-            if "kind" in item.meta:
-                row["kind"] = item.meta["kind"]
             row.update({k: v[i] for k, v in judge_rows.items()})
             row.update({k: v[i] for k, v in model_rows.items()})
             row.update({f"baseline_{k}": v[i] for k, v in base_rows.items()})
@@ -200,8 +223,8 @@ class BenchmarkEvaluator(nn.Module):
             rows.append(row)
         return rows
 
-    def compute(self) -> dict[str, dict[str, float]]:
-        """``{"MIGE": {...}, "copy-the-input baseline": {...}, "extras": {...}}``; synced across ranks."""
+    def compute(self) -> BenchmarkResult:
+        """The benchmark's figures, synced across ranks."""
 
         def values(metrics):
             with warnings.catch_warnings():  # a metric this benchmark never feeds (no masks, say) is NaN
@@ -209,16 +232,44 @@ class BenchmarkEvaluator(nn.Module):
                 out = {COLUMN_NAMES.get(k, k): float(m.compute()) for k, m in metrics.items()}
             return {k: v for k, v in out.items() if not np.isnan(v)}  # NaN: not applicable here
 
-        out = {
-            "MIGE": values(self.model_metrics),
-            "copy-the-input baseline": values(self.baseline_metrics),
-            "extras": values(self.extra_metrics),
-        }
-        if self.scene_metrics is not None:  # synthetic world: per task / kind scene and element accuracy
-            out["scenes"] = {
-                "MIGE": self.scene_metrics["model"].compute(),
-                "copy-the-input baseline": self.scene_metrics["baseline"].compute(),
-            }
+        return BenchmarkResult(
+            model=values(self.model_metrics),
+            baseline=values(self.baseline_metrics),
+            extras=values(self.extra_metrics),
+            scenes=self.judge.compute() if self.judge is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """A ``test`` run's figures: the model's and the copy-the-input baseline's columns (paper
+    names: DINO, CLIP-I, …), the extras (edit locality, subject preservation) and, on the
+    synthetic world, the scene judge's groups (``SceneJudge.compute``: ``{"model", BASELINE}`` →
+    ``{task or task/kind: {scene_acc, element_acc, n}}``). The report callback reads it as is;
+    ``log_values`` is the view the module logs."""
+
+    model: dict[str, float]
+    baseline: dict[str, float]
+    extras: dict[str, float] = field(default_factory=dict)
+    scenes: dict[str, dict[str, dict[str, float]]] | None = None
+
+    def log_values(self) -> dict[str, float]:
+        """``test/<metric>``, ``test/baseline/<metric>``, ``test/<extra>`` and on the synthetic
+        world ``test[/baseline]/<task or task/kind>/{scene_acc,element_acc}``."""
+        values = {f"test/{k}": v for k, v in {**self.model, **self.extras}.items()}
+        values.update({f"test/baseline/{k}": v for k, v in self.baseline.items()})
+        for label, groups in (self.scenes or {}).items():
+            prefix = "test" if label == "model" else "test/baseline"
+            for group, accs in groups.items():
+                for name in SCENE_VALUES:
+                    values[f"{prefix}/{group}/{name}"] = accs[name]
+        return values
+
+    def tables(self) -> dict:
+        """What ``results.json`` holds: ``{"MIGE", BASELINE, "extras"[, "scenes"]}``."""
+        out = {"MIGE": self.model, BASELINE: self.baseline, "extras": self.extras}
+        if self.scenes is not None:
+            out["scenes"] = {"MIGE" if k == "model" else k: v for k, v in self.scenes.items()}
         return out
 
 
@@ -226,96 +277,35 @@ class BenchmarkRun:
     """One ``test`` run on a benchmark: generate each item's output, score it, return the lot.
 
     The LightningModule's ``test_step`` delegates here and returns ``step``'s result, so callbacks
-    (``callbacks/benchmark_report.py``) get each batch's images and per-sample rows as
-    ``on_test_batch_end``'s ``outputs``; ``compute`` returns the benchmark's figures (synced across
-    ranks), which the module logs.
+    (``callbacks/benchmark_report.py``) get each batch's generated images and per-sample rows as
+    ``on_test_batch_end``'s ``outputs``; ``compute`` returns the typed ``BenchmarkResult``.
+    ``generate``: requests → ``Generated`` (the module's one sampling path).
     """
 
-    def __init__(self, pipe, evaluator: BenchmarkEvaluator, *, num_inference_steps: int | None, seed: int):
-        self.pipe, self.evaluator = pipe, evaluator
-        self.num_inference_steps, self.seed = num_inference_steps, seed
+    def __init__(self, generate: Callable[[list], list], evaluator: BenchmarkEvaluator):
+        self.generate, self.evaluator = generate, evaluator
 
-    def generate(self, items: list, images: list[dict]) -> list[PIL.Image.Image]:
-        """Items → output images (per-item seeds; MagicBrush follow-ups chained on the outputs)."""
-        outputs: list = [None] * len(items)
-        by_task: dict = {}
-        for i, item in enumerate(items):
-            by_task.setdefault(item.task, []).append(i)
-        for task, idx in by_task.items():
-            out = self.pipe(
-                [items[i].instruction for i in idx],
-                task=task,
-                images=[images[i]["images"] for i in idx],
-                source=[images[i]["source"] for i in idx],
-                num_inference_steps=self.num_inference_steps,
-                seeds=[self.seed + items[i].seed for i in idx],
-            )
-            for i, image in zip(idx, out.images, strict=True):
-                outputs[i] = image
-        for i, item in enumerate(items):
-            for instruction in item.followups:  # multi-turn: edit the model's own previous output
-                prev = outputs[i]
-                outputs[i] = self.pipe(
-                    instruction,
-                    task=item.task,
-                    images=[prev],
-                    source=prev,
-                    num_inference_steps=self.num_inference_steps,
-                    seeds=[self.seed + item.seed],
-                ).images[0]
-        return outputs
+    def step(self, batch: list) -> dict:
+        """A batch of benchmark samples (``datamodules.benchmarks.BenchmarkSample``) →
+        ``{"generated", "rows"}`` (rows: per-sample scores)."""
+        generated = self.generate([b.request for b in batch])
+        outputs = [g.image for g in generated]
+        rows = self.evaluator.update(outputs, [b.item for b in batch], [b.images for b in batch])
+        return {"generated": generated, "rows": rows}
 
-    def step(self, batch: list[dict]) -> dict:
-        """A batch of benchmark items → ``{"ids", "images", "rows"}`` (rows: per-sample scores)."""
-        items = [b["item"].value for b in batch]
-        images = [b["images"] for b in batch]
-        outputs = self.generate(items, images)
-        rows = self.evaluator.update(outputs, items, images)
-        return {"ids": [it.id for it in items], "images": outputs, "rows": rows}
-
-    def compute(self) -> dict[str, float]:
-        """The benchmark's figures as flat log keys: ``test/<metric>`` (the model),
-        ``test/baseline/<metric>`` (the copy-the-input baseline), and on the synthetic world
-        ``test[/baseline]/<task or task/kind>/{scene_acc,element_acc}``."""
-        results = self.evaluator.compute()
-        values = {}
-        for name, value in {**results["MIGE"], **results["extras"]}.items():
-            values[f"test/{name}"] = value
-        for name, value in results["copy-the-input baseline"].items():
-            values[f"test/baseline/{name}"] = value
-        for label, groups in results.get("scenes", {}).items():
-            prefix = "test" if label == "MIGE" else "test/baseline"
-            for group, accs in groups.items():
-                for name in SCENE_VALUES:
-                    values[f"{prefix}/{group}/{name}"] = accs[name]
-        return values
+    def compute(self) -> BenchmarkResult:
+        return self.evaluator.compute()
 
 
-def tables_from_logged(logged: dict[str, float], rows: list[dict]) -> dict:
-    """``BenchmarkRun.compute``'s keys, as logged, back into ``BenchmarkEvaluator.compute``'s tables
-    (``{"MIGE", "copy-the-input baseline", "extras", "scenes"}``); the scene table's counts (n)
-    come from the per-sample rows."""
-    out: dict = {"MIGE": {}, "copy-the-input baseline": {}, "extras": {}, "scenes": {}}
-    for key, value in logged.items():
-        parts = key.split("/")[1:]
-        label = "MIGE"
-        if parts[0] == "baseline":
-            label, parts = "copy-the-input baseline", parts[1:]
-        if parts[-1] in SCENE_VALUES:  # <task>[/<kind>]/<scene_acc|element_acc>
-            group = "/".join(parts[:-1])
-            out["scenes"].setdefault(label, {}).setdefault(group, {})[parts[-1]] = value
-        elif parts[0] in COLUMN_NAMES.values():
-            out[label][parts[0]] = value
-        elif label == "MIGE":
-            out["extras"][parts[0]] = value
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row.get("scene_correct") is not None and not math.isnan(row["scene_correct"]):
-            for group in {row["task"], f"{row['task']}/{row.get('kind')}"}:
-                counts[group] = counts.get(group, 0) + 1
-    for groups in out["scenes"].values():
-        for group, accs in groups.items():
-            accs["n"] = counts.get(group, 0)
-    if not out["scenes"]:
-        del out["scenes"]
-    return out
+def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: one row per setting (e.g. model, baseline), columns per task group."""
+    groups = list(dict.fromkeys(g for r in rows.values() for g in r))
+    head = "| | " + " | ".join(f"{g} scene / element (n)" for g in groups) + " |"
+    lines = [head, "|---|" + "---|" * len(groups)]
+    for label, r in rows.items():
+        cells = [
+            f"{r[g]['scene_acc']:.2f} / {r[g]['element_acc']:.2f} ({r[g]['n']})" if g in r else "—"
+            for g in groups
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

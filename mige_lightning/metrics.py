@@ -40,7 +40,7 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
 )
 
-from mige_lightning.models.loading import resolve_source
+from mige_lightning.sources import resolve_source
 
 log = logging.getLogger(__name__)
 DINO_RESIZE, DINO_CROP = 256, 224

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,8 @@ from mige_lightning.checkpoint_state import (
 )
 from mige_lightning.condition_dropout import draw_condition_dropout
 from mige_lightning.diffusion import GaussianDiffusion
-from mige_lightning.evaluation import BenchmarkEvaluator, BenchmarkRun
+from mige_lightning.evaluation import BenchmarkEvaluator, BenchmarkResult, BenchmarkRun
+from mige_lightning.generate import Generated, SamplingBatch, generate
 from mige_lightning.metrics import DEFAULT_CLIP_MODEL
 from mige_lightning.models import MIGE, build_mige, get_config
 from mige_lightning.models.autoencoder import PixelAutoencoder
@@ -45,6 +47,7 @@ from mige_lightning.prompt import (
     build_prompt,
     words_cut,
 )
+from mige_lightning.protocol import Protocol, resolve_protocol
 from mige_lightning.sharding import build_sharded_mige, enable_activation_checkpointing, shard_mige
 
 log = logging.getLogger(__name__)
@@ -85,12 +88,21 @@ class MIGELightningModule(L.LightningModule):
         20, guidance_scale: 2.0, image_guidance_scale: 1.2}}`` (a request's own values still win).
         Across config files: merged per task and key, as ``overrides``.
     sample_with_ema: sample with the EMA weights when the checkpoint holds them (``callbacks.EMA``).
-    predict_seed: base seed; a request without its own seed uses base + its index in the file.
+    predict_seed: base seed of validate, test and predict: a request without its own seed uses base +
+        its position among its source's requests of its task (``mige_lightning/generate.py``), so a
+        held-out request gets the same noise, and image, through each of them.
     eval_metrics: metric backbones for ``test`` / validation sampling: ``{dino: facebook/dino-vits16,
         clip_model: ViT-B-32-quickgelu, clip_pretrained: openai, crop_fn: mask}`` (hub ids or local paths); a
         backbone left out disables its metrics (logged), L1 / L2 always run. Across config files:
         merged key by key, as ``overrides`` (an overlay disables a backbone by setting it to null).
-    eval_num_inference_steps: override the per-task default number of sampling steps in ``test``.
+        ``test``'s scoring: ``crop_fn`` (the subject crop: ``mask``, ``mask_black`` or
+        ``package.module:function``) and ``jpeg_quality`` (score each output after a JPEG round trip
+        at this quality; 0 / false: as generated); null or left out, the protocol's.
+    eval_num_inference_steps: override the per-task default number of sampling steps in validation
+        and ``test``.
+    sample_batch_invariant: compute each sample on its own (default), so an image is bitwise the
+        same whatever it is batched with; ``false`` batches each group of requests into every
+        forward (faster on a GPU; an image then depends on its batch-mates).
     prompt_style: ``training`` (default: the text every model here is trained on) or
         ``authors_inference`` (the strings the authors' inference scripts use; for a checkpoint
         converted with ``convert-authors``).
@@ -107,6 +119,19 @@ class MIGELightningModule(L.LightningModule):
     max_nonfinite_steps: a step whose loss or gradients are not finite (on any rank) is skipped on
         every rank — no optimiser update, so weights and EMA stay finite — and counted
         (``train/skipped_nonfinite``); this many in a row stop the run with an error.
+    protocol: how benchmarks are sampled and scored (``mige_lightning/protocol.py``): ``project``
+        (default) or ``authors`` — what the authors' release does for the paper's tables (DreamBench
+        references on black, JPEG-75 outputs, black-background subject crops, bf16 timesteps,
+        posterior samples, their resize, their DPM-Solver grid, ``ln_vision`` eps 1e-5). Each part
+        is also its own option (below, ``eval_metrics.jpeg_quality`` / ``crop_fn``,
+        ``overrides.vision_norm_eps``, ``data.benchmark.reference_prep``); one set explicitly wins.
+    sampler_time_grid: ``diffusers`` or ``authors`` (``dpm++`` only; null: the protocol's, which
+        falls back to ``diffusers`` for another sampler).
+    timestep_dtype: ``float32`` or ``bfloat16`` — the timesteps the DiT embeds (null: the protocol's).
+    condition_latents: ``mode`` or ``sample`` — the autoencoder latents of references and source
+        in sampling (``sample``: drawn from the request's seed; null: the protocol's).
+    image_resize: ``project`` or ``authors`` — the sampler's resize on the autoencoder path (null:
+        the protocol's; ``mige_lightning/transforms.py``).
     """
 
     # how to sample and score, not what was trained: given on the command line, they win over a
@@ -119,6 +144,12 @@ class MIGELightningModule(L.LightningModule):
         "eval_metrics",
         "eval_num_inference_steps",
         "prompt_style",
+        "sample_batch_invariant",
+        "protocol",
+        "sampler_time_grid",
+        "timestep_dtype",
+        "condition_latents",
+        "image_resize",
     )
 
     def __init__(
@@ -147,18 +178,26 @@ class MIGELightningModule(L.LightningModule):
         task_defaults: dict[str, dict] | None = None,
         sample_with_ema: bool = True,
         predict_seed: int = 0,
-        eval_metrics: dict[str, str | None] | None = None,
+        eval_metrics: dict[str, Any] | None = None,
         eval_num_inference_steps: int | None = None,
         max_nonfinite_steps: int = 3,
         prompt_style: str = "training",
         init_weights: str | None = None,
         meta_init: bool = True,
         compile_dit: bool = False,
+        sample_batch_invariant: bool = True,
+        protocol: str = "project",
+        sampler_time_grid: str | None = None,
+        timestep_dtype: str | None = None,
+        condition_latents: str | None = None,
+        image_resize: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        # validated here, at start-up: unknown preset / key, missing local path → clear error
-        self.config = get_config(preset, overrides, pretrained)
+        # validated here, at start-up: unknown preset / key, missing local path, protocol → clear error
+        eps = self._resolve_protocol(overrides).vision_norm_eps
+        protocol_overrides = {"vision_norm_eps": eps} if eps is not None else {}
+        self.config = get_config(preset, {**protocol_overrides, **(overrides or {})}, pretrained)
         check_task_defaults(task_defaults)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"model.lr_schedule: {lr_schedule!r}; choose one of {LR_SCHEDULES}")
@@ -185,6 +224,28 @@ class MIGELightningModule(L.LightningModule):
         self._pipe: MIGEPipeline | None = None
         self._sampling_with_ema = False  # whether predict / test sample with the checkpoint's EMA
         self.benchmark_run: BenchmarkRun | None = None  # test: generates and scores the benchmark
+        self.benchmark_result: BenchmarkResult | None = None  # test: the last run's figures
+
+    def _resolve_protocol(self, overrides: dict | None) -> Protocol:
+        hp, metrics = self.hparams, dict(self.hparams.eval_metrics or {})
+        return resolve_protocol(
+            hp.protocol,
+            time_grid=hp.sampler_time_grid,
+            timestep_dtype=hp.timestep_dtype,
+            condition_latents=hp.condition_latents,
+            image_resize=hp.image_resize,
+            jpeg_quality=metrics.get("jpeg_quality"),
+            subject_crop=metrics.get("crop_fn"),
+            vision_norm_eps=(overrides or {}).get("vision_norm_eps"),
+        )
+
+    @property
+    def protocol(self) -> Protocol:
+        """How this module samples and scores benchmarks (``model.protocol`` and its parts), with
+        the ViT norm's eps the model was built with."""
+        return replace(
+            self._resolve_protocol(self.hparams.overrides), vision_norm_eps=self.config.vision_norm_eps
+        )
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -224,6 +285,8 @@ class MIGELightningModule(L.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "connect"):
             return
+        if hasattr(datamodule, "use_protocol"):  # benchmarks: the protocol's reference preparation
+            datamodule.use_protocol(self.protocol)
         datamodule.connect(
             resolution=self.config.resolution,
             vision_resolution=self.config.vision_resolution,
@@ -470,23 +533,30 @@ class MIGELightningModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- sampling
     def pipeline(self, scheduler: str | None = None) -> MIGEPipeline:
-        """The inference pipeline over this module's networks (no copies)."""
+        """The inference pipeline over this module's networks (no copies), sampling as the protocol
+        says (an explicit ``sampler_time_grid`` for another sampler than ``dpm++`` is an error)."""
+        name, protocol = scheduler or self.hparams.sampler, self.protocol
+        time_grid = protocol.time_grid if name == "dpm++" or self.hparams.sampler_time_grid else "diffusers"
         return MIGEPipeline.from_mige(
             self.model,
             resolution=self.config.resolution,
             vision_mean=self.config.vision_mean,
             vision_std=self.config.vision_std,
             scheduler=make_scheduler(
-                scheduler or self.hparams.sampler,
+                name,
                 num_train_timesteps=self.hparams.num_train_timesteps,
                 beta_schedule=self.hparams.beta_schedule,
                 prediction_type=self.hparams.prediction_type,
                 clip_sample=isinstance(
                     self.model.autoencoder, PixelAutoencoder
                 ),  # pixel-space data is in [-1, 1]
+                time_grid=time_grid,
             ),
             task_defaults=self.hparams.task_defaults,
             prompt_style=self.hparams.prompt_style,
+            timestep_dtype=protocol.timestep_dtype,
+            condition_latents=protocol.condition_latents,
+            image_resize=protocol.image_resize,
         )
 
     def use_ema_weights(self) -> bool:
@@ -509,20 +579,22 @@ class MIGELightningModule(L.LightningModule):
         self._val_pipe = self.pipeline()
         self._val_pipe.set_progress_bar_config(disable=True)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        """One held-out batch (one task, ``datamodules/heldout.py``) → ``{"images": [PIL]}``, sampled
-        with the task defaults (``model.eval_num_inference_steps`` overrides the step count) and
-        per-record seeds; scored by ``callbacks.validation_metrics.ValidationMetrics``."""
-        out = self._val_pipe(
-            batch["instruction"],
-            task=batch["task"],
-            images=batch["references"],
-            source=batch["source"],
-            num_inference_steps=self.hparams.eval_num_inference_steps,
-            seeds=[self.hparams.predict_seed + item.index for item in batch["items"]],
-            batch_invariant=False,  # one forward per step for the whole batch: validation speed
+    def generate(self, pipe: MIGEPipeline, requests: list, *, eval_steps: bool = False) -> SamplingBatch:
+        """The one sampling path of validate, test and predict (``mige_lightning/generate.py``):
+        seeds ``predict_seed + number`` unless a request has its own, ``sample_batch_invariant``."""
+        return generate(
+            pipe,
+            requests,
+            base_seed=self.hparams.predict_seed,
+            num_inference_steps=self.hparams.eval_num_inference_steps if eval_steps else None,
+            batch_invariant=self.hparams.sample_batch_invariant,
         )
-        return {"images": out.images}
+
+    def validation_step(self, batch: SamplingBatch, batch_idx: int) -> SamplingBatch:
+        """One held-out batch (``HeldOutRow``s of one task, ``datamodules/heldout.py``) → one
+        ``Generated`` per row, sampled with the task defaults (``model.eval_num_inference_steps``
+        overrides the step count); scored by ``callbacks.validation_metrics.ValidationMetrics``."""
+        return self.generate(self._val_pipe, [row.request for row in batch], eval_steps=True)
 
     def sampling_pipeline(self) -> MIGEPipeline:
         """``predict`` / ``test``: the checkpoint's EMA weights swapped in (``sample_with_ema``), and
@@ -537,70 +609,52 @@ class MIGELightningModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self._pipe = self.sampling_pipeline()
 
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        """Requests → generated images; requests that share settings run as one batch."""
-        groups: dict[tuple, list[dict]] = {}
-        for item in batch:
-            r = item["request"]
-            key = (
-                r["task"],
-                r.get("num_inference_steps"),
-                r.get("guidance_scale"),
-                r.get("image_guidance_scale"),
-                r.get("resize_to_source", False),
-            )
-            groups.setdefault(key, []).append(item)
-        results = []
-        for (task, steps, s_y, s_s, resize), items in groups.items():
-            requests = [it["request"] for it in items]
-            try:
-                out = self._pipe(
-                    [r["instruction"] for r in requests],
-                    task=task,
-                    images=[it["images"] for it in items],
-                    source=[it["source"] for it in items],
-                    num_inference_steps=steps,
-                    guidance_scale=s_y,
-                    image_guidance_scale=s_s,
-                    seeds=[r.get("seed", self.hparams.predict_seed + r["index"]) for r in requests],
-                    resize_to_source=resize,
-                )
-            except FloatingPointError as err:  # name the requests, not positions in a group
-                where = ", ".join(f"{r['id']} ({r['origin']})" for r in requests)
-                raise FloatingPointError(f"requests {where}: {err}") from err
-            for r, image, settings in zip(requests, out.images, out.settings, strict=True):
-                results.append(
-                    {"request": r, "image": image, "settings": {**settings, "ema": self._sampling_with_ema}}
-                )
-        return results
+    def predict_step(self, batch: SamplingBatch, batch_idx: int) -> SamplingBatch:
+        """Requests (``datamodules/requests.py``) → one ``Generated`` per request, in order; its
+        settings record whether the EMA weights were used."""
+        out = self.generate(self._pipe, [item.request for item in batch])
+        return SamplingBatch(
+            Generated(g.request, g.image, {**g.settings, "ema": self._sampling_with_ema}) for g in out
+        )
 
     # ---------------------------------------------------------------------------------- benchmarks
-    def build_evaluator(self) -> BenchmarkEvaluator:
+    def build_evaluator(self, judge=None) -> BenchmarkEvaluator:
+        """The benchmark scorer; ``judge``: the data's own judge of outputs, where it has one."""
         cfg = dict(self.hparams.eval_metrics or {})
-        unknown = set(cfg) - {"dino", "clip_model", "clip_pretrained", "crop_fn"}
+        unknown = set(cfg) - {"dino", "clip_model", "clip_pretrained", "crop_fn", "jpeg_quality"}
         if unknown:
             raise KeyError(f"model.eval_metrics: unknown keys {sorted(unknown)}")
+        protocol = self.protocol  # crop_fn / jpeg_quality: null takes the protocol's
         return BenchmarkEvaluator(
             dino=cfg.get("dino"),
             clip_model=cfg.get("clip_model") or DEFAULT_CLIP_MODEL,
             clip_pretrained=cfg.get("clip_pretrained"),
-            crop_fn=cfg.get("crop_fn") or "mask",
+            crop_fn=protocol.subject_crop,
+            jpeg_quality=protocol.jpeg_quality,
+            judge=judge,
         )
 
     def on_test_start(self) -> None:
+        self.benchmark_result = None
         pipe = self.sampling_pipeline()
-        evaluator = self.build_evaluator().to(self.device)  # held by the run: no checkpoint state
-        steps, seed = self.hparams.eval_num_inference_steps, self.hparams.predict_seed
-        self.benchmark_run = BenchmarkRun(pipe, evaluator, num_inference_steps=steps, seed=seed)
+        # the data module's judge of outputs (the synthetic world's pixel judge), where it has one
+        make_judge = getattr(self.trainer.datamodule, "output_judge", None)
+        judge = make_judge() if callable(make_judge) else None
+        evaluator = self.build_evaluator(judge).to(self.device)  # held by the run: no checkpoint state
+        self.benchmark_run = BenchmarkRun(
+            lambda requests: self.generate(pipe, requests, eval_steps=True), evaluator
+        )
 
-    def test_step(self, batch: list[dict], batch_idx: int) -> dict:
-        """Benchmark items → ``{"ids", "images", "rows", "ema"}`` (``BenchmarkRun.step``), handed to
+    def test_step(self, batch: SamplingBatch, batch_idx: int) -> dict:
+        """Benchmark items → ``{"generated", "rows", "ema"}`` (``BenchmarkRun.step``), handed to
         the callbacks' ``on_test_batch_end`` (``callbacks.benchmark_report.BenchmarkReport``)."""
         return {**self.benchmark_run.step(batch), "ema": self._sampling_with_ema}
 
     def on_test_epoch_end(self) -> None:
-        # synced across ranks by torchmetrics: the same values on every rank
-        for name, value in self.benchmark_run.compute().items():
+        # synced across ranks by torchmetrics: the same values on every rank; the report callback
+        # reads the typed result, the logged keys are a view of it
+        self.benchmark_result = self.benchmark_run.compute()
+        for name, value in self.benchmark_result.log_values().items():
             self.log(name, value)
 
     def on_test_end(self) -> None:

@@ -21,6 +21,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PixArtTransformer2DModel,
+    SchedulerMixin,  # also how MIGEPipeline.from_pretrained recognises AuthorsGridDPMSolverScheduler
 )
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
@@ -39,9 +40,11 @@ from mige_lightning.prompt import (
     count_placeholders,
     placeholders_cut,
 )
-from mige_lightning.transforms import Transforms
+from mige_lightning.protocol import CONDITION_LATENTS, TIME_GRIDS, TIMESTEP_DTYPES
+from mige_lightning.transforms import RESIZES, Transforms
 
-# the authors' defaults: steps, instruction scale s_y, input scale s_s
+# the authors' defaults: steps, instruction scale (the paper's s_y: guidance_scale), input scale
+# (its s_s: image_guidance_scale) — one name each along the whole path
 TASK_DEFAULTS: dict[Task, dict[str, float | int | None]] = {
     Task.SUBJECT: {"num_inference_steps": 50, "guidance_scale": 7.0, "image_guidance_scale": None},
     Task.EDIT: {"num_inference_steps": 60, "guidance_scale": 5.0, "image_guidance_scale": 1.0},
@@ -56,6 +59,34 @@ SCHEDULERS = {
 # the stochastic sampler's fresh noise per step: from each sample's own stream (its seed + this), so a
 # sample draws the same alone or in any batch
 STEP_NOISE_SEED_OFFSET = 1_000_003
+# condition_latents: sample — the posterior draws of a sample's references (in order) come from its
+# seed + this; a subject_edit source has its own stream (+ the second), an edit's source shares its
+# reference's first draw (the authors' edit script encodes the one image once and uses it twice)
+LATENT_SAMPLE_SEED_OFFSET = 2_000_003
+SOURCE_SAMPLE_SEED_OFFSET = 3_000_017
+
+
+class AuthorsGridDPMSolverScheduler(DPMSolverMultistepScheduler):
+    """DPM-Solver++ (diffusers' solver) on the authors' time grid: their continuous-time
+    DPM-Solver steps uniformly in t from 1 to 1/N (N training steps), so the model sees the
+    fractional times (t − 1/N)·N = N−1 … 0 in ``num_inference_steps`` equal steps, ᾱ between the
+    training steps is interpolated linearly in log ᾱ, the last step ends at the first training
+    step's noise level (not at σ = 0), and the last step is first order only below 10 steps.
+    diffusers' own grid rounds the times to integers and ends at σ = 0 with a first-order step."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu=None, timesteps=None):
+        if num_inference_steps is None or timesteps is not None or mu is not None:
+            raise ValueError("the authors' time grid takes num_inference_steps only")
+        # the solver's state (history, step index) reset as by diffusers; the grid replaced below
+        super().set_timesteps(num_inference_steps, device=device)
+        n = self.config.num_train_timesteps
+        times = np.linspace(n - 1, 0, num_inference_steps + 1)
+        log_alpha = 0.5 * np.log(self.alphas_cumprod.double().numpy())
+        alphas_cumprod = np.exp(2 * np.interp(times, np.arange(n), log_alpha))
+        self.sigmas = torch.from_numpy(np.sqrt((1 - alphas_cumprod) / alphas_cumprod).astype(np.float32))
+        self.timesteps = torch.from_numpy(times[:-1].astype(np.float32)).to(device)
+        # diffusers lowers the last step's order below 15 steps, the authors' solver below 10
+        self.register_to_config(lower_order_final=num_inference_steps < 10)
 
 
 def make_scheduler(
@@ -67,7 +98,8 @@ def make_scheduler(
     beta_end: float = 0.02,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
-):
+    time_grid: str = "diffusers",
+) -> SchedulerMixin:
     """A diffusers sampler on the training noise schedule; ``dpm++`` = DPM-Solver++ multistep, order 2;
     ``dpm++sde`` its stochastic form (SDE-DPM-Solver++, fresh noise at every step); ``ddim``; ``euler``.
     ``prediction_type`` must be what the model was trained to predict (``epsilon`` / ``v_prediction``
@@ -75,9 +107,19 @@ def make_scheduler(
 
     ``clip_sample`` keeps predicted x₀ inside [-1, 1] (dynamic thresholding for DPM-Solver++, clipping
     for DDIM): right for pixel-space models, whose data lives there; latent models (PixArt) don't clip.
+
+    ``time_grid`` (``dpm++`` only): ``diffusers`` (its integer grid, ending at σ = 0) or ``authors``
+    (``AuthorsGridDPMSolverScheduler``: the authors' fractional grid, ending at t = 1/N).
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    if time_grid not in TIME_GRIDS:
+        raise ValueError(f"model.sampler_time_grid: {time_grid!r}; choose one of {TIME_GRIDS}")
+    if time_grid == "authors" and name != "dpm++":
+        raise ValueError(
+            f"model.sampler_time_grid: authors is the authors' DPM-Solver++ grid; sampler {name!r} "
+            "takes only diffusers'"
+        )
     kwargs = dict(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -93,6 +135,8 @@ def make_scheduler(
         kwargs.update(clip_sample=True, clip_sample_range=1.0)
     elif name == "ddim":
         kwargs.update(clip_sample=False)
+    if time_grid == "authors":  # their last step ends at the first training step's noise level
+        return AuthorsGridDPMSolverScheduler(**kwargs, final_sigmas_type="sigma_min")
     return SCHEDULERS[name](**kwargs)
 
 
@@ -127,6 +171,12 @@ class MIGEPipelineOutput(BaseOutput):
     settings: list[dict]  # what each image was generated with (task, seed, scales, steps, scheduler)
 
 
+def _own_eps(vision: Blip2VisionModel) -> float | None:
+    """The final LayerNorm's eps where it differs from the vision config's (else None)."""
+    eps = float(vision.post_layernorm.eps)
+    return None if eps == float(vision.config.layer_norm_eps) else eps
+
+
 def _as_list(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -155,10 +205,21 @@ class MIGEPipeline(DiffusionPipeline):
         prompt_version: int = PROMPT_VERSION,
         task_defaults: dict[str, dict] | None = None,
         prompt_style: str = "training",
+        timestep_dtype: str = "float32",
+        condition_latents: str = "mode",
+        image_resize: str = "project",
+        vision_norm_eps: float | None = None,
     ):
         super().__init__()
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style: {prompt_style!r}; choose one of {PROMPT_STYLES}")
+        for key, value, choices in (
+            ("timestep_dtype", timestep_dtype, TIMESTEP_DTYPES),
+            ("condition_latents", condition_latents, CONDITION_LATENTS),
+            ("image_resize", image_resize, RESIZES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{key}: {value!r}; choose one of {choices}")
         if prompt_version != PROMPT_VERSION:
             raise ValueError(
                 f"pipeline was saved with prompt version {prompt_version}; this code builds {PROMPT_VERSION}"
@@ -181,7 +242,18 @@ class MIGEPipeline(DiffusionPipeline):
             prompt_version=prompt_version,
             task_defaults=check_task_defaults(task_defaults),
             prompt_style=prompt_style,
+            # the authors' sampling (model.protocol: authors, mige_lightning/protocol.py): t cast to
+            # bf16 before the DiT embeds it; posterior samples, not modes, for references and
+            # source; their resize and letterbox on the autoencoder path
+            timestep_dtype=timestep_dtype,
+            condition_latents=condition_latents,
+            image_resize=image_resize,
+            # the ViT's final LayerNorm's eps when it is not its config's (model.overrides.vision_norm_eps):
+            # kept here so that a saved pipeline loads with it
+            vision_norm_eps=vision_norm_eps,
         )
+        if vision_norm_eps is not None:
+            vision_model.post_layernorm.eps = float(vision_norm_eps)
         self._mige: MIGE | None = None
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
@@ -196,6 +268,9 @@ class MIGEPipeline(DiffusionPipeline):
         scheduler=None,
         task_defaults=None,
         prompt_style: str = "training",
+        timestep_dtype: str = "float32",
+        condition_latents: str = "mode",
+        image_resize: str = "project",
     ) -> MIGEPipeline:
         enc = model.encoder
         vae = model.autoencoder.vae if isinstance(model.autoencoder, KLAutoencoder) else None
@@ -214,6 +289,10 @@ class MIGEPipeline(DiffusionPipeline):
             max_length=enc.max_length,
             task_defaults=task_defaults,
             prompt_style=prompt_style,
+            timestep_dtype=timestep_dtype,
+            condition_latents=condition_latents,
+            image_resize=image_resize,
+            vision_norm_eps=_own_eps(enc.vision),
         )
         pipe._mige = model
         return pipe
@@ -241,11 +320,14 @@ class MIGEPipeline(DiffusionPipeline):
             int(self.vision_model.config.image_size),
             self.config.vision_mean,
             self.config.vision_std,
+            resize=self.config.image_resize,
         )
 
     def set_scheduler(self, name: str) -> None:
-        """Switch sampler, keeping the noise schedule, prediction type and clipping of the current one."""
+        """Switch sampler, keeping the noise schedule, prediction type and clipping of the current one
+        (and the authors' time grid where the new one is ``dpm++`` too)."""
         cfg = self.scheduler.config
+        authors_grid = isinstance(self.scheduler, AuthorsGridDPMSolverScheduler) and name == "dpm++"
         self.scheduler = make_scheduler(
             name,
             **{
@@ -253,10 +335,11 @@ class MIGEPipeline(DiffusionPipeline):
                 for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
             },
             clip_sample=bool(cfg.get("thresholding") or cfg.get("clip_sample")),
+            time_grid="authors" if authors_grid else "diffusers",
         )
 
     # ------------------------------------------------------------------------------- the model
-    def guided_epsilon(
+    def guided_prediction(
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
@@ -267,12 +350,13 @@ class MIGEPipeline(DiffusionPipeline):
         guidance_scale: float,
         image_guidance_scale: float | None,
     ) -> torch.Tensor:
-        """All guidance branches in ONE batched forward; returns the guided ε [B, C, h, w].
+        """All guidance branches in ONE batched forward; returns the guided prediction [B, C, h, w] (ε, v or x₀: the model's ``prediction_type``).
 
         2-way (``image_guidance_scale`` None): branches (c, input), (∅, input).
         3-way: (c, src), (∅, src), (∅, 0) — condition rows of ``cond`` are followed by the null rows.
-        Branches whose weight is zero are not run: with s_s = 1 the (∅, 0) branch cancels out
-        (3-way = 2-way on the source), and with s_y = 1 as well only (c, src) is left.
+        Branches whose weight is zero are not run: with image_guidance_scale = 1 the (∅, 0) branch
+        cancels out (3-way = 2-way on the source), and with guidance_scale = 1 as well only (c, src)
+        is left.
         """
         b, c = latents.shape[:2]
         if image_guidance_scale is not None and image_guidance_scale == 1.0:
@@ -294,10 +378,16 @@ class MIGEPipeline(DiffusionPipeline):
         out = self.model(
             latents.repeat(k, 1, 1, 1), t.repeat(k), cond=conds, cond_mask=masks, cond_input=torch.cat(inputs)
         )
-        eps = out[:, :c].chunk(k)  # learned-variance channels are not used by these samplers
+        pred = out[:, :c].chunk(k)  # learned-variance channels are not used by these samplers
         if k == 2:
-            return cfg_2way(eps[1], eps[0], guidance_scale)
-        return cfg_3way(eps[2], eps[1], eps[0], text_scale=guidance_scale, image_scale=image_guidance_scale)
+            return cfg_2way(pred[1], pred[0], guidance_scale)
+        return cfg_3way(
+            pred[2],
+            pred[1],
+            pred[0],
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+        )
 
     # ---------------------------------------------------------------------------------- sample
     @torch.no_grad()
@@ -327,10 +417,11 @@ class MIGEPipeline(DiffusionPipeline):
         task = Task.parse(task)
         defaults = {**TASK_DEFAULTS[task], **(self.config.task_defaults or {}).get(task.value, {})}
         steps = int(num_inference_steps or defaults["num_inference_steps"])
-        s_y = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
-        s_s = defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
+        guidance_scale = float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        if image_guidance_scale is None:
+            image_guidance_scale = defaults["image_guidance_scale"]
         if task is Task.SUBJECT:
-            s_s = None  # no conditional input to guide on
+            image_guidance_scale = None  # no conditional input to guide on
         instructions = [instruction] if isinstance(instruction, str) else list(instruction)
         n = len(instructions)
         if images is None:
@@ -364,8 +455,8 @@ class MIGEPipeline(DiffusionPipeline):
                     sources=[sources[i] for i in c],
                     seeds=[seeds[i] for i in c],
                     steps=steps,
-                    s_y=s_y,
-                    s_s=s_s,
+                    guidance_scale=guidance_scale,
+                    image_guidance_scale=image_guidance_scale,
                 )
                 for c in chunks
             ]
@@ -388,8 +479,8 @@ class MIGEPipeline(DiffusionPipeline):
                 "task": task.value,
                 "seed": s,
                 "num_inference_steps": steps,
-                "guidance_scale": s_y,
-                "image_guidance_scale": s_s,
+                "guidance_scale": guidance_scale,
+                "image_guidance_scale": image_guidance_scale,
                 "scheduler": type(self.scheduler).__name__,
                 "prompt": p,
             }
@@ -407,8 +498,10 @@ class MIGEPipeline(DiffusionPipeline):
             return result, latents
         return MIGEPipelineOutput(images=result, latents=latents, settings=settings)
 
-    def _denoise(self, instructions, *, task, refs, sources, seeds, steps, s_y, s_s) -> torch.Tensor:
-        model, t = self.model, self.transforms
+    def _denoise(
+        self, instructions, *, task, refs, sources, seeds, steps, guidance_scale, image_guidance_scale
+    ) -> torch.Tensor:
+        model, tf = self.model, self.transforms
         device, dtype = self.transformer.device, self.transformer.dtype
         n = len(instructions)
 
@@ -416,17 +509,18 @@ class MIGEPipeline(DiffusionPipeline):
         m = max((len(r) for r in refs), default=0)
         ref_mask = torch.zeros(n, m, dtype=torch.bool, device=device)
         ref_pixels = torch.zeros(
-            n, m, 3, t.vision_resolution, t.vision_resolution, device=device, dtype=dtype
+            n, m, 3, tf.vision_resolution, tf.vision_resolution, device=device, dtype=dtype
         )
-        flat = []
+        flat, streams = [], []
+        vae_reference = tf.vae_reference(task)  # image_resize authors: a subject's letterboxed
         for i, r in enumerate(refs):
+            stream = self._latent_stream(seeds[i], LATENT_SAMPLE_SEED_OFFSET)
             for j, img in enumerate(r):
                 ref_mask[i, j] = True
-                ref_pixels[i, j] = t.vit(img.convert("RGB")).to(device, dtype)
-                flat.append(t.vae(img.convert("RGB")))
-        ref_latents = (
-            model.autoencoder.encode(torch.stack(flat).to(device, dtype), sample=False) if flat else None
-        )
+                ref_pixels[i, j] = tf.vit(img.convert("RGB")).to(device, dtype)
+                flat.append(vae_reference(img.convert("RGB")))
+                streams.append(stream)  # one stream per sample: its references draw in order
+        ref_latents = self._latents(torch.stack(flat).to(device, dtype), streams) if flat else None
 
         # 3. the multimodal condition, through the training prompt function
         prompts = [build_prompt(task, text, style=self.config.prompt_style) for text in instructions]
@@ -437,11 +531,12 @@ class MIGEPipeline(DiffusionPipeline):
         )
 
         # 4. the conditional input: source latent (edit, subject_edit) or zeros (subject)
-        size = t.resolution // model.autoencoder.downsample_factor
+        size = tf.resolution // model.autoencoder.downsample_factor
         shape = (model.latent_channels, size, size)
         if task.uses_source:
-            src = torch.stack([t.vae(s.convert("RGB")) for s in sources]).to(device, dtype)
-            cond_input = model.autoencoder.encode(src, sample=False)
+            src = torch.stack([tf.vae(s.convert("RGB")) for s in sources]).to(device, dtype)
+            offset = LATENT_SAMPLE_SEED_OFFSET if task is Task.EDIT else SOURCE_SAMPLE_SEED_OFFSET
+            cond_input = self._latents(src, [self._latent_stream(s, offset) for s in seeds])
         else:
             cond_input = torch.zeros(n, *shape, device=device, dtype=dtype)
 
@@ -459,19 +554,34 @@ class MIGEPipeline(DiffusionPipeline):
         for timestep in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(latents, timestep)
             t_batch = timestep.reshape(1).to(device).expand(n)
-            eps = self.guided_epsilon(
+            if self.config.timestep_dtype == "bfloat16":  # as the authors' bf16 model casts its t
+                t_batch = t_batch.to(torch.bfloat16).float()
+            pred = self.guided_prediction(
                 model_in,
                 t_batch,
                 cond=cond,
                 cond_mask=cond_mask,
                 cond_input=cond_input,
-                guidance_scale=s_y,
-                image_guidance_scale=s_s,
+                guidance_scale=guidance_scale,
+                image_guidance_scale=image_guidance_scale,
             )
             step_noise = {}
             if stochastic:
                 noise = [torch.randn(shape, generator=g) for g in streams]
                 step_noise["variance_noise"] = torch.stack(noise).to(device=device, dtype=dtype)
-            latents = self.scheduler.step(eps, timestep, latents, return_dict=False, **step_noise)[0]
+            latents = self.scheduler.step(pred, timestep, latents, return_dict=False, **step_noise)[0]
 
         return latents
+
+    def _latent_stream(self, seed: int, offset: int) -> torch.Generator | None:
+        """The CPU generator a sample's posterior draws come from (``condition_latents: sample``)."""
+        if self.config.condition_latents != "sample":
+            return None
+        return torch.Generator("cpu").manual_seed(int(seed) + offset)
+
+    def _latents(self, pixels: torch.Tensor, streams: list[torch.Generator | None]) -> torch.Tensor:
+        """The autoencoder's latents of ``pixels``: its posterior's mode, or (``condition_latents:
+        sample``, the authors') a draw mean + std·ε with image k's ε from ``streams[k]``."""
+        if self.config.condition_latents != "sample":
+            return self.model.autoencoder.encode(pixels, sample=False)
+        return self.model.autoencoder.encode(pixels, sample=True, generator=list(streams))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from mige_lightning.prompt import split_placeholders
 
-# the words of a scene live with the scenes (mige_lightning.synthetic): the held-out manifests carry
+# the words of a scene live with the scenes (mige_world.synthetic): the held-out manifests carry
 # the same captions for the validation loop
-from mige_lightning.synthetic import SLOT_ORDER, caption, manifest_specs, sprite_name
+from mige_world.synthetic import SLOT_ORDER, caption, manifest_specs, sprite_name
 
 
 def scene_key(scene: dict) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import save_file
 from transformers import Blip2Config
@@ -66,6 +67,7 @@ from mige_world.stages import (
     seeded_loader,
     text_ids,
 )
+from mige_world.synthetic import DEFAULT_WORLD_ROOT
 
 RECORD = "pretraining.json"
 PROVENANCE = "provenance.json"
@@ -129,8 +131,13 @@ def replace_dir(partial: Path, out: Path) -> None:
     partial.rename(out)
 
 
-def trainer(stage: str, args: argparse.Namespace, *, steps: int, val_every: int, precision: str) -> L.Trainer:
+def trainer(
+    stage: str, args: argparse.Namespace, *, steps: int, val_every: int, precision: str, ema: float = 0.0
+) -> L.Trainer:
+    """The stage's Trainer; ``ema`` > 0: Lightning's EMA of the weights (decay ``ema``), used for
+    the stage's validation and saved as the component."""
     return L.Trainer(
+        callbacks=[EMAWeightAveraging(decay=ema)] if ema > 0 else None,
         accelerator="cpu" if args.accelerator == "cpu" else "auto",
         devices=1,
         max_steps=steps,
@@ -381,6 +388,7 @@ def stage_dit(
         null_length=mige.max_length,
         lr=args.dit_lr,
         warmup_steps=args.warmup,
+        lr_schedule=args.dit_lr_schedule,
         p_uncond=args.dit_p_uncond,
         seed=args.seed,
         repa_encoder=str(bridge_dir) if args.dit_repa_weight > 0 else None,
@@ -392,7 +400,12 @@ def stage_dit(
     )
     print(f"[dit] {len(train)} training scenes, {len(heldout)} held-out scenes", flush=True)
     fit = trainer(
-        "dit", args, steps=args.dit_steps, val_every=args.dit_val_every, precision=args.dit_precision
+        "dit",
+        args,
+        steps=args.dit_steps,
+        val_every=args.dit_val_every,
+        precision=args.dit_precision,
+        ema=args.dit_ema,
     )
     fit.fit(
         module,
@@ -447,9 +460,18 @@ def diffusion_settings(model_cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- command
+# options added after components were shipped: recorded only when used, so a component made
+# without them (the same computation) stays up to date
+RECORDED_WHEN_USED = {"dit_ema": 0.0, "dit_lr_schedule": "constant"}
+
+
 def recipe(args: argparse.Namespace, stage: str) -> dict:
     prefix = {"t5": "t5_", "bridge": "bridge_", "dit": "dit_"}[stage]
-    out = {k: v for k, v in vars(args).items() if k.startswith(prefix)}
+    out = {
+        k: v
+        for k, v in vars(args).items()
+        if k.startswith(prefix) and not (k in RECORDED_WHEN_USED and v == RECORDED_WHEN_USED[k])
+    }
     return {**out, "seed": args.seed, "warmup": args.warmup}
 
 
@@ -480,7 +502,7 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
     if not world:
         raise SystemExit("pretrain-world: data.synthetic is not set; the components learn a synthetic world")
     paths = targets(model_cfg)
-    root = Path(world.get("root", "data/demo"))
+    root = Path(world.get("root", DEFAULT_WORLD_ROOT))
     if not (root / "world.json").is_file():
         raise SystemExit(f"pretrain-world: {root} holds no generated world")
     overrides = {k: v for k, v in (model_cfg.get("overrides") or {}).items() if k != "train_text_encoder"}
@@ -566,6 +588,10 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
 
     if len(summary) < len(STAGES):
         return {"components": summary}
+    common = paths["t5"].parent  # the components' folder (the demo keeps all three side by side)
+    if not remade and (common / PROVENANCE).is_file():
+        # nothing made: the provenance stays that of the run that made them (its command, commit)
+        return json.loads((common / PROVENANCE).read_text())
     provenance = {
         "command": "python -m mige_lightning pretrain-world " + shlex.join(command),
         "commit": git_commit(),
@@ -574,63 +600,5 @@ def pretrain_world(args: argparse.Namespace, config: dict[str, Any], command: li
             s: {"path": str(paths[s]), "hash": component_hash(paths[s]), **summary[s]} for s in STAGES
         },
     }
-    common = paths["t5"].parent  # the components' folder (the demo keeps all three side by side)
     (common / PROVENANCE).write_text(json.dumps(provenance, indent=1))
     return provenance
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m mige_lightning pretrain-world",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every other argument (--config FILE, --model.*, --data.*) is fit's.",
-    )
-    ap.add_argument("--stages", default=",".join(STAGES), help="which stages to (re)make: t5,bridge,dit")
-    ap.add_argument("--force", action="store_true", help="re-make the chosen stages even when up to date")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=50, help="optimiser steps of linear LR warm-up")
-    ap.add_argument(
-        "--log-dir", default="runs", help="TensorBoard and checkpoints: <log-dir>/pretrain_world/<stage>"
-    )
-    ap.add_argument("--accelerator", default="cpu", choices=("cpu", "auto"))
-    ap.add_argument("--t5-steps", type=int, default=400)
-    ap.add_argument("--t5-batch", type=int, default=64)
-    ap.add_argument("--t5-lr", type=float, default=1e-3)
-    ap.add_argument("--t5-mask", type=float, default=0.25, help="probability that a word is masked")
-    ap.add_argument("--t5-decoder-layers", type=int, default=1)
-    ap.add_argument("--bridge-steps", type=int, default=2000)
-    ap.add_argument("--bridge-batch", type=int, default=64)
-    ap.add_argument("--bridge-lr", type=float, default=1e-3)
-    ap.add_argument(
-        "--bridge-align-weight", type=float, default=1.0, help="weight of the T5-output alignment term"
-    )
-    ap.add_argument(
-        "--bridge-reference-share",
-        type=float,
-        default=0.05,
-        help="references shown alone, as a share of the other pairs",
-    )
-    ap.add_argument("--bridge-val-every", type=int, default=1000)
-    ap.add_argument("--dit-steps", type=int, default=5200)
-    ap.add_argument("--dit-batch", type=int, default=16)
-    ap.add_argument("--dit-lr", type=float, default=1e-3)
-    ap.add_argument("--dit-p-uncond", type=float, default=0.1, help="probability that a caption is dropped")
-    ap.add_argument("--dit-val-every", type=int, default=2600)
-    ap.add_argument("--dit-precision", default="bf16-mixed", help="Lightning precision of the DiT stage")
-    ap.add_argument(
-        "--dit-repa-weight",
-        type=float,
-        default=0.5,
-        help="representation alignment (REPA) of early DiT tokens to the bridge's frozen vision tower; 0: off",
-    )
-    ap.add_argument(
-        "--dit-repa-depth", type=int, default=1, help="align the tokens after this many DiT blocks"
-    )
-    ap.add_argument(
-        "--dit-repa-until",
-        type=int,
-        default=None,
-        help="stop aligning after this many steps (default: never)",
-    )
-    return ap

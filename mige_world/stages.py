@@ -35,6 +35,7 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5ForConditionalGeneration,
+    get_cosine_schedule_with_warmup,
 )
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -46,18 +47,24 @@ from mige_lightning.models.loading import load_blip2_parts, load_tokenizer
 from mige_lightning.models.repa import RepresentationAlignment, block_output
 from mige_lightning.pipeline import initial_noise, make_scheduler
 from mige_lightning.prompt import split_placeholders
-from mige_lightning.scene_judge import judge
 from mige_lightning.transforms import Transforms
 from mige_world.describe import Described, scene_key
+from mige_world.scene_judge import judge
 
 LM_FOLDER = "lm"  # beside the saved T5 encoder: the whole encoder-decoder it was pre-trained in
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
-    """AdamW's learning rate rises linearly over ``warmup_steps`` optimiser steps, then holds."""
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-    )
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, *, cosine_steps: int | None = None
+) -> dict:
+    """AdamW's learning rate rises linearly over ``warmup_steps`` optimiser steps, then holds — or,
+    with ``cosine_steps``, follows a half cosine down to 0 at that step (transformers' schedule)."""
+    if cosine_steps:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, cosine_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+        )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -247,6 +254,7 @@ class TextToImagePretraining(L.LightningModule):
         null_length: int,
         lr: float = 1e-3,
         warmup_steps: int = 50,
+        lr_schedule: str = "constant",
         p_uncond: float = 0.1,
         num_inference_steps: int = 20,
         seed: int = 0,
@@ -259,6 +267,8 @@ class TextToImagePretraining(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule: {lr_schedule!r}; choose 'constant' or 'cosine'")
         self.t5 = frozen_t5(t5)
         self.tokenizer = load_tokenizer(tokenizer)
         self.autoencoder = build_autoencoder(vae)
@@ -410,7 +420,10 @@ class TextToImagePretraining(L.LightningModule):
         if self.alignment is not None:
             params += list(self.alignment.parameters())
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
-        return warmup_schedule(optimizer, self.hparams.warmup_steps)
+        cosine = self.hparams.lr_schedule == "cosine"
+        return warmup_schedule(
+            optimizer, self.hparams.warmup_steps, cosine_steps=self.trainer.max_steps if cosine else None
+        )
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from callbacks.ema import EMA
-from tests.conftest import LinearModule, bare_trainer
+from tests.helpers.training import LinearModule, bare_trainer
 
 
 def test_ema_updates_once_per_optimiser_step_under_accumulation(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from mige_lightning.attention import attention_calls
 from mige_lightning.module import MIGELightningModule
-from tests.conftest import make_batch
+from tests.helpers.batches import make_batch
 
 GROUPS = {
     "dit.transformer_blocks.*.attn1",  # DiT self-attention

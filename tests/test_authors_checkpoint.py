@@ -9,7 +9,6 @@ placement is checked against, value by value.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -32,31 +31,12 @@ from mige_lightning.models.dit import patch_tokens
 from mige_lightning.models.presets import AUTHORS_BEHAVIOUR
 from mige_lightning.models.weights import tied_names
 from mige_lightning.module import MIGELightningModule
-from mige_lightning.synthetic import generate
-from tests.conftest import make_batch, prompts_of
-from tests.test_models import _encode as _condition
+from mige_world.synthetic import generate
+from tests.fixtures.authors_checkpoint import make_keys
+from tests.helpers.authors import TINY, authors_tiny_state, convert_tiny
+from tests.helpers.batches import encode_condition, make_batch, prompts_of
 
 FIXTURES = Path(__file__).parent / "fixtures" / "authors_checkpoint"
-_spec = importlib.util.spec_from_file_location("make_keys", FIXTURES / "make_keys.py")
-make_keys = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_keys)
-
-TINY = make_keys.TINY
-
-
-def authors_tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    return make_keys.random_state(TINY, seed)
-
-
-def convert_tiny(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
-    src = tmp_path / "model.pth"
-    torch.save({"state_dict": state, "epoch": 3, "optimizer": {"state": {}}}, src)
-    out = tmp_path / "converted"
-    cli_main(
-        ["convert-authors", "--input", str(src), "--output", str(out), "--preset", "tiny"]
-        + ["--tokenizer", "byte", "--vae", "none"]
-    )
-    return out
 
 
 def test_tiny_authors_checkpoint_converts_and_every_tensor_lands_where_the_map_says(tmp_path, capsys):
@@ -222,7 +202,7 @@ def test_fusion_tokens_without_position_table_are_the_patch_projection_alone():
     batch = make_batch(get_config("tiny"), [1, 2])
     # the same as our default model with its position table zeroed
     ours.dit.pos_embed.pos_embed.zero_()
-    assert torch.allclose(_condition(theirs, batch)[0], _condition(ours, batch)[0], atol=1e-6)
+    assert torch.allclose(encode_condition(theirs, batch)[0], encode_condition(ours, batch)[0], atol=1e-6)
 
 
 def test_unscaled_reference_latents_reach_fusion_divided_by_the_vae_factor():
@@ -240,13 +220,13 @@ def test_unscaled_reference_latents_reach_fusion_divided_by_the_vae_factor():
 def test_null_condition_cut_to_the_prompt_length_in_training_and_guidance():
     ours, theirs = _pair(null_condition_length="prompt")
     batch = make_batch(get_config("tiny"), [2, 1])
-    full_cond, full_mask = _condition(theirs, batch)  # nothing dropped: each prompt's own length
+    full_cond, full_mask = encode_condition(theirs, batch)  # nothing dropped: each prompt's own length
     lengths = full_mask.sum(1).tolist()
     assert lengths == theirs.encoder.sequence_lengths(prompts_of(batch), [2, 1])
-    cond, mask = _condition(theirs, batch, drop=torch.tensor([True, False]))
+    cond, mask = encode_condition(theirs, batch, drop=torch.tensor([True, False]))
     assert mask[0].sum() == lengths[0] < theirs.null_condition.shape[0]
     assert torch.equal(cond[0, : lengths[0]], theirs.null_condition[: lengths[0]])
-    _, our_mask = _condition(ours, batch, drop=torch.tensor([True, False]))
+    _, our_mask = encode_condition(ours, batch, drop=torch.tensor([True, False]))
     assert our_mask[0].sum() == ours.null_condition.shape[0]  # 'full': every row
     null, null_mask = theirs.null_rows_like(full_mask)  # guidance: the null branch of each sample
     assert null_mask.sum(1).tolist() == lengths and null.shape[0] == 2
@@ -260,8 +240,8 @@ def test_trainable_vision_norm_gets_gradients_and_nothing_else_of_the_vit():
         "post_layernorm.bias",
     ]
     batch = make_batch(get_config("tiny"), [1, 2])
-    cond, _ = _condition(theirs, batch)
-    assert torch.allclose(cond, _condition(ours, batch)[0], atol=1e-6)  # same forward
+    cond, _ = encode_condition(theirs, batch)
+    assert torch.allclose(cond, encode_condition(ours, batch)[0], atol=1e-6)  # same forward
     cond.square().mean().backward()
     assert vision.post_layernorm.weight.grad is not None and vision.post_layernorm.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in vision.named_parameters() if not n.startswith("post_layernorm"))

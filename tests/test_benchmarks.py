@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
@@ -15,152 +14,12 @@ from datamodules.benchmarks import parse_dreambench_prompts, read_benchmark, rew
 from datamodules.records import ManifestError
 from mige_cli.main import main
 from mige_lightning import metrics as M
-from tests.metric_backbones import save_tiny_backbones
+from tests.helpers.benchmark_layouts import DREAMBENCH_PROMPTS, MAKERS, make_dreambench, make_migebench
+from tests.helpers.metric_backbones import save_tiny_backbones
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def img(seed, size=(40, 30)):
-    return PIL.Image.fromarray(
-        np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    )
-
-
-def save(path: Path, seed: int, size=(40, 30)) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img(seed, size).save(path)
-    return str(path)
-
-
-def make_emu(root: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = []
-    for i, (instr, task, cin, cout) in enumerate(
-        [
-            ("Make the image black and white.", "global", "a dog", "a black and white dog"),
-            ("add a hat to the cat", "add", "a cat", "a cat with a hat"),
-            ("remove the car", "remove", "a street", "a street"),  # identical captions: CLIPdir skips it
-        ]
-    ):
-        buf = io.BytesIO()
-        img(i).save(buf, format="PNG")
-        rows.append(
-            {
-                "instruction": instr,
-                "image": {"bytes": buf.getvalue(), "path": f"{i}.png"},
-                "task": task,
-                "split": "test",
-                "idx": i,
-                "hash": str(i),
-                "input_caption": cin,
-                "output_caption": cout,
-            }
-        )
-    (root / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "test-00000-of-00001.parquet")
-
-
-def make_magicbrush(root: Path) -> None:
-    sessions, desc = {}, {}
-    for s, sid in enumerate(["327726", "242679"]):
-        d = root / "images" / sid
-        save(d / f"{sid}-input.png", 10 * s)
-        turns = []
-        for t in (1, 2):
-            save(d / f"{sid}-output{t}.png", 10 * s + t)
-            mask = np.zeros((30, 40), np.uint8)
-            mask[5:20, 10:30] = 255
-            PIL.Image.fromarray(mask).save(d / f"{sid}-mask{t}.png")
-            turns.append(
-                {
-                    "input": f"{sid}-input.png" if t == 1 else f"{sid}-output1.png",
-                    "mask": f"{sid}-mask{t}.png",
-                    "output": f"{sid}-output{t}.png",
-                    "instruction": f"put a hat on the dog {t}",
-                }
-            )
-        sessions[sid] = turns
-        desc[sid] = {
-            f"{sid}-input.png": "a dog",
-            f"{sid}-output1.png": "a dog with a hat",
-            f"{sid}-output2.png": "a dog with a red hat",
-        }
-    (root / "edit_sessions.json").write_text(json.dumps(sessions))
-    (root / "global_descriptions.json").write_text(json.dumps(desc))
-
-
-DREAMBENCH_PROMPTS = """Classes
-subject_name,class
-backpack,backpack
-dog,dog
-
-Prompts
-Object Prompts
-prompt_list = [
-'a {0} {1} in the jungle'.format(unique_token, class_token),
-'a {0} {1} in the snow'.format(unique_token, class_token),
-]
-
-Live Subject Prompts
-prompt_list = [
-'a {0} {1} on the beach'.format(unique_token, class_token),
-'a {0} {1} wearing a red hat'.format(unique_token, class_token),
-]
-"""
-
-
-def make_dreambench(root: Path) -> None:
-    ds = root / "dataset"
-    for s, subject in enumerate(["backpack", "dog"]):
-        for k in range(2):
-            save(ds / subject / f"{k:02d}.jpg", 100 + 10 * s + k)
-    (ds / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
-
-
-def make_migebench(root: Path) -> None:
-    for sub in ("add", "replace"):
-        recs = []
-        for i in range(2):
-            {
-                k: save(root / sub / f"{sub}_{k}" / f"{i}_{k}.jpg", 200 + i * 7 + len(k))
-                for k in ("source", "target", "entity")
-            }
-            mask = np.zeros((30, 40), np.uint8)
-            mask[8:22, 12:28] = 255
-            (root / sub / f"{sub}_mask").mkdir(parents=True, exist_ok=True)
-            PIL.Image.fromarray(mask).save(root / sub / f"{sub}_mask" / f"{i}_mask.jpg")
-
-            def absolute(k, name, sub=sub):  # the authors' files hold absolute paths like these
-                return f"/path/to/MIGEBench/{sub}/{sub}_{k}/{name}"
-
-            entities = [absolute("entity", f"{i}_entity.jpg"), absolute("source", f"{i}_source.jpg")]
-            if sub == "replace":
-                entities = entities[::-1]
-            recs.append(
-                {
-                    "image": absolute("target", f"{i}_target.jpg"),
-                    "source_path": [absolute("source", f"{i}_source.jpg")],
-                    "multi_prompt": "Add<imagehere>to<imagehere>"
-                    if sub == "add"
-                    else "replace the cat in<imagehere>with<imagehere>",
-                    "target_caption": "a room with a chair",
-                    "mask_path": [absolute("mask", f"{i}_mask.jpg")],
-                    "entity_path": entities,
-                    "entity_path_white": [absolute("entity", f"{i}_entity.jpg")],
-                    "idx": i,
-                }
-            )
-        (root / f"{sub}_bench.json").write_text(json.dumps(recs))
-
-
-MAKERS = {
-    "emu_edit": make_emu,
-    "magicbrush": make_magicbrush,
-    "dreambench": make_dreambench,
-    "migebench": make_migebench,
-}
 EXPECTED_ITEMS = {"emu_edit": 3, "magicbrush": 4, "dreambench": 8, "migebench": 4}
 
 
@@ -191,11 +50,11 @@ def test_reader_builds_items_from_the_public_layout(tmp_path, name):
     for it in items:
         from mige_lightning.prompt import count_placeholders
 
-        assert count_placeholders(it.instruction) == len(it.images)
+        assert count_placeholders(it.instruction) == len(it.references)
     if name == "dreambench":
         dog = [it for it in items if it.meta["subject"] == "dog"]
         assert dog[0].instruction == "a <imagehere> on the beach" and dog[0].caption == "a dog on the beach"
-        assert [it.seed for it in dog[:2]] == [0, 1]
+        assert [it.number for it in dog[:2]] == [0, 1]
     if name == "emu_edit":  # identical captions: no CLIP-T caption, as the authors' evaluation
         assert [it.caption for it in items] == ["a black and white dog", "a cat with a hat", None]
     if name == "migebench":
@@ -291,20 +150,20 @@ def test_dreambench_reference_prep_changes_what_the_model_sees_not_the_metric_re
     spec = {"name": "dreambench", "root": str(tmp_path), "images_per_prompt": 1}
 
     raw = read_benchmark(spec)
-    assert {Path(it.images[0]).name for it in raw} == {"00.jpg"}  # masks are not taken for photos
+    assert {Path(it.references[0]).name for it in raw} == {"00.jpg"}  # masks are not taken for photos
     dog = next(i for i, it in enumerate(raw) if it.meta["subject"] == "dog")
-    fed = np.asarray(BenchmarkDataset(raw)[dog]["images"]["images"][0])
+    fed = np.asarray(BenchmarkDataset(raw)[dog].images["references"][0])
     assert np.array_equal(fed, np.asarray(open_image(str(photo))))  # default: the photo as it is
 
     cut = read_benchmark({**spec, "reference_prep": "mask_file"})
-    sample = BenchmarkDataset(cut)[dog]["images"]
-    fed = np.asarray(sample["images"][0])
+    sample = BenchmarkDataset(cut)[dog].images
+    fed = np.asarray(sample["references"][0])
     original = np.asarray(open_image(str(photo)))
     assert (fed[mask == 0] == 0).all() and np.array_equal(fed[mask == 255], original[mask == 255])
     assert np.array_equal(np.asarray(sample["reference"]), original)  # the metric keeps the raw photo
 
     custom = read_benchmark({**spec, "reference_prep": "tests.test_benchmarks:half_black"})
-    fed = np.asarray(BenchmarkDataset(custom)[dog]["images"]["images"][0])
+    fed = np.asarray(BenchmarkDataset(custom)[dog].images["references"][0])
     assert (fed[:, : w // 2] == 0).all() and np.array_equal(fed[:, w // 2 :], original[:, w // 2 :])
 
     with pytest.raises(ValueError, match="reference_prep"):

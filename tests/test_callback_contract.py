@@ -18,7 +18,7 @@ import torch
 import callbacks
 from callbacks.ema import EMA
 from mige_cli.main import main
-from tests.conftest import FROM_SCRATCH, LinearModule, bare_trainer
+from tests.helpers.training import FROM_SCRATCH, LinearModule, bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # optimiser steps per fit; validation every 2 of them

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mige_lightning.module import MIGELightningModule
-from tests.conftest import make_batch
+from tests.helpers.batches import make_batch
 
 
 def _step(compile_dit: bool):

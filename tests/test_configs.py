@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mige_cli.main import main
-from tests.conftest import FROM_SCRATCH
+from tests.helpers.training import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
@@ -299,7 +299,7 @@ def test_pools_without_a_weight_fail_before_the_model_is_built(tmp_path, monkeyp
     configure_model builds the networks (minutes at paper size), naming the pool."""
     from datamodules.records import ManifestError
     from mige_lightning.module import MIGELightningModule
-    from mige_lightning.synthetic import generate
+    from mige_world.synthetic import generate
 
     world = tmp_path / "world"
     generate(world, num_samples=8, size=32, seed=0)
@@ -335,7 +335,7 @@ def test_command_line_sampling_options_win_over_the_checkpoints(tmp_path, monkey
     from PIL import Image
 
     from mige_lightning.module import MIGELightningModule
-    from tests.conftest import make_batch
+    from tests.helpers.batches import make_batch
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ from PIL import Image
 
 from datamodules.dataset import MIGEDataset, collate
 from datamodules.records import read_manifest
-from mige_lightning.synthetic import generate
 from mige_lightning.transforms import Transforms
+from mige_world.synthetic import generate
 
 
 def test_vae_path_resizes_short_side_then_center_crops_and_vit_path_squashes(tmp_path):

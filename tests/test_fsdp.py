@@ -17,7 +17,7 @@ from safetensors import safe_open
 from mige_cli.export import load_exported
 from mige_cli.main import main
 from mige_lightning.checkpoint_state import EMA_PREFIX, SHARDED_EMA_KEY
-from tests.fsdp_probe import CLEAR_DEMO_DICTS, REPO, cli_env, fit_command, sample, write_overlay
+from tests.helpers.fsdp_probe import CLEAR_DEMO_DICTS, REPO, cli_env, fit_command, sample, write_overlay
 
 STEPS, EVERY = 8, 4  # optimiser steps; checkpoint every 4 (mid-epoch: 10 batches per epoch per rank)
 FIT = dict(max_steps=STEPS, accumulate_grad_batches=2)  # 16 batches: the run crosses an epoch

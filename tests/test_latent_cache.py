@@ -12,9 +12,9 @@ from datamodules.latent_cache import LatentCache, StaleCacheError, build_cache
 from datamodules.records import read_manifest
 from mige_cli.main import main
 from mige_lightning.models import build_mige, get_config
-from mige_lightning.synthetic import generate
 from mige_lightning.transforms import Transforms
-from tests.conftest import FROM_SCRATCH
+from mige_world.synthetic import generate
+from tests.helpers.training import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 

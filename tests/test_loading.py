@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from transformers import Blip2Config, Blip2Model, T5Config, T5ForConditionalGeneration
 
 from mige_lightning.models import build_mige, get_config
-from mige_lightning.models.loading import build_byte_tokenizer, load_blip2_parts, resolve_source
+from mige_lightning.models.loading import build_byte_tokenizer, load_blip2_parts
+from mige_lightning.sources import resolve_source
 
 D_TEXT = 32
 
@@ -184,7 +185,7 @@ def test_word_tokenizer_knows_every_word_of_the_prefixes_and_the_synthetic_world
 
     from mige_lightning.models.loading import build_word_tokenizer, load_tokenizer
     from mige_lightning.prompt import Task, build_prompt, split_placeholders
-    from mige_lightning.synthetic import generate
+    from mige_world.synthetic import generate
 
     tok = load_tokenizer("words")
     assert len(tok) == len(build_word_tokenizer())

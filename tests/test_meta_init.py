@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.models.weights import load_weights
-from tests.pretrained_parts import save_components
-from tests.test_sharding import free_port, spawn
+from tests.helpers.pretrained_parts import save_components
+from tests.helpers.processes import free_port, spawn
 
 WORLD = 2
 SEED = 7

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mige_lightning import metrics as M
-from tests.metric_backbones import save_tiny_backbones
+from tests.helpers.metric_backbones import save_tiny_backbones
 
 
 @pytest.fixture(scope="module")

@@ -12,37 +12,26 @@ from mige_lightning.models import build_mige
 from mige_lightning.models.dit import build_dit
 from mige_lightning.models.fusion import FeatureFusion
 from mige_lightning.module import MIGELightningModule
-from tests.conftest import make_batch, prompts_of
-
-
-def _encode(model, batch, drop=None):
-    latents = model.encode_references(batch["ref_vae"], batch["ref_mask"], sample=False)
-    return model.encode_condition(
-        prompts_of(batch),
-        ref_pixels=batch["ref_pixels"],
-        ref_latents=latents,
-        ref_mask=batch["ref_mask"],
-        drop=drop,
-    )
+from tests.helpers.batches import encode_condition, make_batch
 
 
 def test_shapes_for_zero_to_four_images(tiny_model, tiny_config):
     batch = make_batch(tiny_config, [0, 1, 2, 3, 4])
-    cond, mask = _encode(tiny_model, batch)
+    cond, mask = encode_condition(tiny_model, batch)
     d_text = tiny_model.encoder.t5.config.d_model
     assert cond.shape[0] == 5 and cond.shape[2] == d_text and mask.shape == cond.shape[:2]
     latent = tiny_config.resolution // tiny_model.autoencoder.downsample_factor
     c = tiny_model.latent_channels
     x = torch.randn(5, c, latent, latent)
     out = tiny_model(x, torch.arange(5), cond=cond, cond_mask=mask, cond_input=torch.zeros_like(x))
-    assert out.shape == (5, 2 * c, latent, latent)  # ε ⊕ learned variance
+    assert out.shape == (5, 2 * c, latent, latent)  # prediction ⊕ learned variance
 
 
 def test_batch_without_any_image_skips_vision(tiny_model, tiny_config):
     calls = []
     tiny_model.encoder.vision.register_forward_hook(lambda *a: calls.append(1))
     batch = make_batch(tiny_config, [0, 0])
-    cond, mask = _encode(tiny_model, batch)
+    cond, mask = encode_condition(tiny_model, batch)
     assert calls == [] and cond.shape[0] == 2
 
 
@@ -53,7 +42,7 @@ def test_only_real_images_reach_the_vit(tiny_model, tiny_config):
         lambda m, args, kwargs: setattr(m, "last_batch", kwargs["pixel_values"].shape[0]), with_kwargs=True
     )
     batch = make_batch(tiny_config, [1, 4, 0, 2])  # padded to M = 4 → 16 slots, 7 real
-    _encode(tiny_model, batch)
+    encode_condition(tiny_model, batch)
     assert seen == [7]
 
 
@@ -222,11 +211,11 @@ def test_dropped_condition_uses_null_embedding_and_skips_its_images(tiny_model, 
     tiny_model.encoder.vision.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
     )
-    cond, mask = _encode(tiny_model, batch, drop=torch.tensor([True, False]))
+    cond, mask = encode_condition(tiny_model, batch, drop=torch.tensor([True, False]))
     null = tiny_model.null_condition
     assert torch.equal(cond[0, : null.shape[0]], null) and mask[0].sum() == null.shape[0]
     assert seen == [1]  # only sample 1's image was encoded
-    kept, kept_mask = _encode(
+    kept, kept_mask = encode_condition(
         tiny_model, {k: v[1:] if not isinstance(v, list) else v[1:] for k, v in batch.items()}
     )
     assert torch.allclose(cond[1, : kept.shape[1]], kept[0], atol=1e-6)
@@ -274,8 +263,8 @@ def test_a_reference_image_s_content_reaches_the_condition(tiny_config, seeded):
     transformers' BLIP-2 default scale (1e-10) it gave every image the same features, and the
     references' content never reached the DiT."""
     from mige_lightning.models import build_mige
-    from mige_lightning.synthetic import Sprite, render_reference
     from mige_lightning.transforms import Transforms
+    from mige_world.synthetic import Sprite, render_reference
 
     torch.manual_seed(0)
     model = build_mige(tiny_config, seed=0 if seeded else None).eval()

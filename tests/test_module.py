@@ -8,7 +8,8 @@ import torch
 
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.prompt import PROMPT_VERSION
-from tests.conftest import bare_trainer, make_batch
+from tests.helpers.batches import make_batch
+from tests.helpers.training import bare_trainer
 
 
 def test_optimiser_holds_exactly_the_trainable_parameters_with_spec_defaults():

@@ -17,7 +17,7 @@ from mige_lightning.diffusion import cfg_2way, cfg_3way
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.module import MIGELightningModule
 from mige_lightning.pipeline import SCHEDULERS, MIGEPipeline
-from tests.conftest import make_batch
+from tests.helpers.batches import make_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,12 +93,12 @@ def test_two_and_three_way_guidance_equal_a_direct_reference_computation(pipe, m
         _direct(toy, args, condition=c, source=s) for c, s in [(True, True), (False, True), (False, False)]
     )
     toy.calls.clear()
-    three = pipe.guided_epsilon(**args, guidance_scale=5.0, image_guidance_scale=1.5)
+    three = pipe.guided_prediction(**args, guidance_scale=5.0, image_guidance_scale=1.5)
     assert toy.calls == [9]  # the three branches ran as ONE batched forward
     assert torch.equal(three, e_0_0 + 1.5 * (e_0_src - e_0_0) + 5.0 * (e_c_src - e_0_src))
-    two = pipe.guided_epsilon(**args, guidance_scale=7.0, image_guidance_scale=None)
+    two = pipe.guided_prediction(**args, guidance_scale=7.0, image_guidance_scale=None)
     assert torch.equal(two, e_0_src + 7.0 * (e_c_src - e_0_src))
-    one_one = pipe.guided_epsilon(**args, guidance_scale=1.0, image_guidance_scale=1.0)
+    one_one = pipe.guided_prediction(**args, guidance_scale=1.0, image_guidance_scale=1.0)
     assert torch.allclose(one_one, e_c_src, atol=1e-6)  # s_y = s_s = 1 → the fully conditional prediction
 
 
@@ -111,19 +111,21 @@ def test_guidance_branches_with_zero_weight_are_not_run(pipe, monkeypatch):
         _direct(toy, args, condition=c, source=s) for c, s in [(True, True), (False, True), (False, False)]
     )
     full = {
-        (5.0, 1.0): cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=5.0, image_scale=1.0),
-        (1.0, 1.0): cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=1.0, image_scale=1.0),
+        (5.0, 1.0): cfg_3way(e_0_0, e_0_src, e_c_src, guidance_scale=5.0, image_guidance_scale=1.0),
+        (1.0, 1.0): cfg_3way(e_0_0, e_0_src, e_c_src, guidance_scale=1.0, image_guidance_scale=1.0),
         (1.0, None): cfg_2way(e_0_src, e_c_src, 1.0),
-        (5.0, 1.5): cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=5.0, image_scale=1.5),
+        (5.0, 1.5): cfg_3way(e_0_0, e_0_src, e_c_src, guidance_scale=5.0, image_guidance_scale=1.5),
     }
     rows = {(5.0, 1.0): 6, (1.0, 1.0): 3, (1.0, None): 3, (5.0, 1.5): 9}
     for (s_y, s_s), expected in full.items():
         toy.calls.clear()
-        got = pipe.guided_epsilon(**args, guidance_scale=s_y, image_guidance_scale=s_s)
+        got = pipe.guided_prediction(**args, guidance_scale=s_y, image_guidance_scale=s_s)
         assert toy.calls == [rows[(s_y, s_s)]], (s_y, s_s, toy.calls)
         assert torch.allclose(got, expected, atol=1e-5), (s_y, s_s)
     assert torch.allclose(cfg_2way(e_0_src, e_c_src, 1.0), e_c_src, atol=1e-6)
-    assert torch.allclose(cfg_3way(e_0_0, e_0_src, e_c_src, text_scale=0.0, image_scale=0.0), e_0_0)
+    assert torch.allclose(
+        cfg_3way(e_0_0, e_0_src, e_c_src, guidance_scale=0.0, image_guidance_scale=0.0), e_0_0
+    )
 
 
 @pytest.mark.parametrize("name", ["dpm++", "dpm++sde"])  # the stochastic one draws noise at every step
@@ -268,7 +270,7 @@ def test_every_scheduler_recovers_x0_from_an_oracle_of_each_prediction_type(
             prediction_type
         ]
 
-    monkeypatch.setattr(pipe, "guided_epsilon", oracle)
+    monkeypatch.setattr(pipe, "guided_prediction", oracle)
     monkeypatch.setattr(pipe, "scheduler", make_scheduler(name, prediction_type=prediction_type))
     out = pipe("a <imagehere>", task="subject", images=[_img()], num_inference_steps=10, output_type="latent")
     assert torch.allclose(out.latents, x0, atol=1e-3), (out.latents - x0).abs().max()

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from mige_cli.main import main
-from tests.conftest import FROM_SCRATCH
+from tests.helpers.training import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs/demo.yaml"
@@ -220,8 +220,8 @@ def test_judging_a_partial_predict_run_fails_unless_allowed(tmp_path, capsys):
     """16 predictions of 120 held-out requests were judged as n = 16 with rc 0 and no word about the
     104 missing. Now it is an error naming how many and which, unless --allow-missing, when the
     table is printed with the counts and a warning names the missing ones."""
-    from mige_lightning.scene_judge import load_truth
-    from mige_lightning.synthetic import generate
+    from mige_world.scene_judge import load_truth
+    from mige_world.synthetic import generate
 
     world, predictions = tmp_path / "w", tmp_path / "p"
     generate(world, num_samples=8, size=32)

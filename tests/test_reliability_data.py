@@ -400,7 +400,7 @@ def test_exif_orientation_is_applied_wherever_a_user_image_is_read(tmp_path, whe
         )
         kept, problems = read_requests(requests)
         assert problems == []
-        _is_upright(RequestDataset(kept)[0]["images"][0])
+        _is_upright(RequestDataset(kept)[0].request.references[0])
     else:
         _is_upright(open_image(str(photo)))
         _is_upright(open_image(photo.read_bytes()))  # parquet test sets hold encoded bytes

@@ -160,7 +160,7 @@ def test_predict_with_unseen_text_warn_runs_them_and_records_the_warning(
     assert set(by_id) == {"ok", "cut", "unk"}
     assert by_id["ok"].warnings == () and "'qwzx'" in by_id["unk"].warnings[0]
     item = loader.dataset[2]
-    assert "'qwzx'" in item["request"]["warnings"][0]  # reaches predictions.jsonl through the writer
+    assert "'qwzx'" in item.spec.warnings[0]  # reaches predictions.jsonl through the writer
     assert "unk" in caplog.text
 
 
@@ -209,21 +209,16 @@ def _writer_run(out: Path, ids: list[str], overwrite=False):
     # as Lightning gives it for one loader: the DataLoader itself (not a list)
     trainer = _Trainer(predict_dataloaders=DataLoader(RequestDataset(requests)))
     writer.on_predict_start(trainer, None)
-    prediction = [
-        {
-            "request": {
-                "id": i,
-                "origin": f"r.jsonl:{n + 1}",
-                "instruction": "x",
-                "images": [],
-                "source": None,
-            },
-            "image": Image.new("RGB", (8, 8), "red"),
-            "settings": {},
-        }
+    batch = [
+        SimpleNamespace(
+            spec=SimpleNamespace(
+                id=i, origin=f"r.jsonl:{n + 1}", instruction="x", references=(), source=None, warnings=()
+            )
+        )
         for n, i in enumerate(ids)
     ]
-    writer.write_on_batch_end(trainer, None, prediction, None, None, 0, 0)
+    prediction = [SimpleNamespace(image=Image.new("RGB", (8, 8), "red"), settings={}) for _ in ids]
+    writer.write_on_batch_end(trainer, None, prediction, None, batch, 0, 0)
     return writer
 
 

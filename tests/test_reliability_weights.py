@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from mige_cli.main import main
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.module import MIGELightningModule
-from tests.conftest import FROM_SCRATCH, LinearModule, bare_trainer, make_batch
+from tests.helpers.batches import make_batch
+from tests.helpers.training import FROM_SCRATCH, LinearModule, bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 POISON = {"nan": float("nan"), "inf": float("inf")}
@@ -206,7 +207,7 @@ def _sharded_worker(rank: int, port: int, weights: str, out: str) -> None:
 def test_the_sharded_start_refuses_a_non_finite_row_on_every_rank(tmp_path):
     """Each rank reads only its own rows: an inf in rank 1's rows must stop rank 0 too (it went
     on alone and waited in its first collective; a NaN was reported as 'neither drawn nor read')."""
-    from tests.test_sharding import free_port, spawn
+    from tests.helpers.processes import free_port, spawn
 
     def change(state):
         weight = state["dit.proj_out.weight"].clone()
@@ -225,7 +226,7 @@ def test_the_sharded_start_refuses_a_non_finite_row_on_every_rank(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_parts(tmp_path_factory):
-    from tests.pretrained_parts import save_components
+    from tests.helpers.pretrained_parts import save_components
 
     root = tmp_path_factory.mktemp("parts")
     return root, save_components(root, get_config("tiny"))
@@ -265,7 +266,7 @@ def test_a_pretrained_component_with_a_non_finite_tensor_is_refused(
 
 # ------------------------------------------------------------------------ convert-authors
 def test_convert_authors_refuses_a_non_finite_tensor_with_a_non_zero_exit(tmp_path):
-    from tests.test_authors_checkpoint import authors_tiny_state
+    from tests.helpers.authors import authors_tiny_state
 
     state = authors_tiny_state()
     state["t_block.1.weight"] = _poison(state["t_block.1.weight"], float("nan"))
@@ -315,7 +316,7 @@ def test_init_weights_with_integer_tensors_where_the_model_has_floats_is_refused
 
 def test_convert_authors_refuses_an_integer_tensor_where_a_float_one_is_expected(tmp_path):
     from mige_lightning.authors_checkpoint import ConversionError
-    from tests.test_authors_checkpoint import authors_tiny_state
+    from tests.helpers.authors import authors_tiny_state
 
     state = authors_tiny_state()  # its Q-Former position_ids are int64: legitimately, and dropped
     state["t_block.1.weight"] = state["t_block.1.weight"].to(torch.int64)

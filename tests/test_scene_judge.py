@@ -7,8 +7,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from mige_lightning.images import load_rgb
-from mige_lightning.scene_judge import KINDS, Scene, SceneAccuracy, judge, load_truth, read_scene, world_size
-from mige_lightning.synthetic import Sprite, generate, render
+from mige_world.scene_judge import KINDS, Scene, SceneAccuracy, judge, load_truth, read_scene, world_size
+from mige_world.synthetic import Sprite, generate, render
 
 SIZE = 32
 

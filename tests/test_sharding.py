@@ -5,20 +5,18 @@ dropped), accumulate two micro-batches with activation checkpointing, and clip b
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mige_lightning.models import build_mige, get_config
 from mige_lightning.models.presets import AUTHORS_BEHAVIOUR
 from mige_lightning.sharding import data_parallel_mesh, enable_activation_checkpointing, shard_mige
-from tests.conftest import make_batch, prompts_of
+from tests.helpers.batches import make_batch, prompts_of
+from tests.helpers.processes import free_port, spawn
 
 WORLD = 2
 MAX_NORM = 1e-3  # well below the gradient norm: clipping is active
@@ -27,23 +25,6 @@ STEPS = [
     [([0, 0], None), ([1, 2], [False, True])],  # rank 0: no reference at all, then a mix
     [([1, 2], [True, True]), ([2, 0], None)],  # rank 1: every condition dropped, then a mix
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, args, *, nprocs: int, timeout: float) -> None:
-    """``torch.multiprocessing.spawn`` with a deadline (a deadlock fails the test, never hangs it)."""
-    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{nprocs} processes still running after {timeout} s")
 
 
 def _model(switches: dict | None = None):

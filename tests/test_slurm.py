@@ -17,8 +17,8 @@ from jsonargparse import Namespace
 
 from callbacks.slurm_requeue import next_hpc_checkpoint, slurm_job_id
 from mige_cli.slurm import newest_checkpoint, use_job_run_dir
-from tests.fsdp_probe import cli_env, fit_command, write_overlay
-from tests.test_sharding import free_port
+from tests.helpers.fsdp_probe import cli_env, fit_command, write_overlay
+from tests.helpers.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = "4242"
@@ -252,7 +252,7 @@ def test_submit_script_quotes_values_with_shell_characters(tmp_path):
     shell syntax in the job; now every value reaches `fit` as the literal word it was."""
     env = {
         **cli_env(),
-        "EXTRA_ARGS": "--data.root=/a&b --model.note=x|y;z",
+        "EXTRA_ARGS": "--data.root=/a&b --model.init_weights=x|y;z",
         "PYTHON": "/opt/my env/python",
         "JOB_NAME": "a|b&c",
     }
@@ -272,7 +272,7 @@ def test_submit_script_quotes_values_with_shell_characters(tmp_path):
     )
     words = args.stdout.splitlines()
     assert words[0] == "/opt/my env/python"
-    assert words[-2:] == ["--data.root=/a&b", "--model.note=x|y;z"]
+    assert words[-2:] == ["--data.root=/a&b", "--model.init_weights=x|y;z"]
     assert "--trainer.strategy.init_args.data_parallel_size=2" in words
 
 
@@ -328,7 +328,7 @@ def test_sigterm_in_a_single_process_run_checkpoints_after_the_step_and_sets_exi
     import os
 
     from callbacks.slurm_requeue import PreemptionCheckpoint
-    from tests.conftest import LinearModule, bare_trainer
+    from tests.helpers.training import LinearModule, bare_trainer
 
     class SelfTerminating(LinearModule):
         def training_step(self, batch, batch_idx):

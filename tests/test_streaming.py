@@ -44,9 +44,9 @@ from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler, pool_
 from datamodules.training_data import TrainingDataModule
 from mige_cli.main import main
 from mige_lightning.transforms import Transforms
-from tests.conftest import FROM_SCRATCH
-from tests.fsdp_probe import cli_env
-from tests.streaming_helpers import read_rows
+from tests.helpers.fsdp_probe import cli_env
+from tests.helpers.streaming import read_rows
+from tests.helpers.training import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
@@ -70,7 +70,7 @@ def optimizer_caches(tmp_path, monkeypatch):
 def s3():
     """moto's S3 server in a subprocess on 127.0.0.1 (a port the OS picks): the storage options."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.streaming_helpers"],
+        [sys.executable, "-m", "tests.helpers.streaming"],
         cwd=REPO,
         env=cli_env(),
         stdin=subprocess.PIPE,
@@ -192,10 +192,12 @@ def test_validation_reads_the_held_out_split_as_without_shards(demo):
     plain, streamed = batches
     assert len(plain) == len(streamed) > 0
     for a, b in zip(plain, streamed, strict=True):
-        assert a["task"] == b["task"] and a["instruction"] == b["instruction"]
-        assert [it.record for it in a["items"]] == [it.record for it in b["items"]]
-        for key in ("references", "source", "target"):
-            assert a[key] == b[key], key  # PIL images compare by mode, size and pixels
+        assert [row.record for row in a] == [row.record for row in b]
+        for x, y in zip(a, b, strict=True):
+            assert x.request.instruction == y.request.instruction and x.scored == y.scored
+            # PIL images compare by mode, size and pixels
+            assert x.request.references == y.request.references and x.request.source == y.request.source
+            assert x.target == y.target
 
 
 def _items_by_index(directory: Path, settings: dict) -> dict[int, dict]:
@@ -621,7 +623,7 @@ def _fit_overlay(
                             },
                         },
                         {
-                            "class_path": "tests.streaming_helpers.StepLog",
+                            "class_path": "tests.helpers.streaming.StepLog",
                             "init_args": {"out": str(log), "stall_at": stall_at},
                         },
                     ],

@@ -15,7 +15,7 @@ from PIL import Image
 
 from datamodules.records import read_manifest
 from mige_lightning.prompt import Task
-from mige_lightning.synthetic import BACKGROUNDS, COLOURS, POSITIONS, REFERENCE_BACKGROUND, SIZES, generate
+from mige_world.synthetic import BACKGROUNDS, COLOURS, POSITIONS, REFERENCE_BACKGROUND, SIZES, generate
 
 SIZE = 60
 
@@ -207,7 +207,7 @@ def test_heldout_records_carry_their_scenes_captions(world):
 
 def test_no_heldout_task_instance_occurs_in_training(tmp_path):
     """Held-out requests stay unseen: a small world (many repeats by chance) has none in training."""
-    from mige_lightning.synthetic import TASK_FILES, sample_key
+    from mige_world.synthetic import TASK_FILES, sample_key
 
     generate(tmp_path, num_samples=600, size=16, seed=2, heldout_fraction=0.2)
 

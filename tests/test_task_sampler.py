@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.task_sampler import DEFAULT_WEIGHTS, TaskBalancedSampler
 from datamodules.training_data import TrainingDataModule
-from mige_lightning.synthetic import generate
+from mige_world.synthetic import generate
 
 POOLS = {  # deliberately unbalanced pool sizes: the ratios must come from the weights, not the data
     "subject": list(range(0, 9000)),

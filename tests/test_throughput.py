@@ -13,8 +13,8 @@ from callbacks.throughput import MFUMonitor
 from datamodules.training_data import TrainingDataModule
 from mige_lightning.flops import PEAK_FLOPS, measured_matmul_flops, peak_flops
 from mige_lightning.module import MIGELightningModule
-from mige_lightning.synthetic import generate
-from tests.conftest import make_batch
+from mige_world.synthetic import generate
+from tests.helpers.batches import make_batch
 
 
 def test_mfu_monitor_counts_the_real_step_and_logs_throughput_and_mfu(tmp_path):

@@ -20,8 +20,8 @@ from datamodules.records import Record
 from mige_cli.main import main
 from mige_lightning.images import load_rgb
 from mige_lightning.prompt import Task
-from tests.conftest import FROM_SCRATCH
-from tests.fsdp_probe import cli_env, fit_command
+from tests.helpers.fsdp_probe import cli_env, fit_command
+from tests.helpers.training import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_each_record_is_scored_once_and_ranks_run_the_same_batches(world, counts
 
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
-    from tests.metric_backbones import save_tiny_backbones
+    from tests.helpers.metric_backbones import save_tiny_backbones
 
     return save_tiny_backbones(tmp_path_factory.mktemp("backbones"))
 
@@ -117,8 +117,8 @@ def test_validation_logs_clip_t_and_clip_dir_where_records_carry_captions(tmp_pa
     callback.on_validation_epoch_start(trainer, pl_module)
     for i in range(len(batches)):
         batch = batches[i]
-        images = {"images": [load_rgb(outputs[it.record.target]) for it in batch["items"]]}
-        callback.on_validation_batch_end(trainer, pl_module, images, batch, i)
+        generated = [SimpleNamespace(image=load_rgb(outputs[row.record.target])) for row in batch]
+        callback.on_validation_batch_end(trainer, pl_module, generated, batch, i)
     callback.on_validation_epoch_end(trainer, pl_module)
 
     for task in ("edit", "subject", "subject_edit"):
@@ -135,7 +135,7 @@ def test_validation_logs_clip_t_and_clip_dir_where_records_carry_captions(tmp_pa
                 id=str(i),
                 task=r.task,
                 instruction=r.instruction,
-                images=(),
+                references=(),
                 source=str(r.source) if r.source else None,
                 reference=str(r.target),
                 caption=c,
@@ -187,7 +187,7 @@ def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path, ba
                 {"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9}},
                 {"class_path": "callbacks.validation_metrics.ValidationMetrics"},
                 {
-                    "class_path": "tests.fsdp_probe.ValidationProbe",
+                    "class_path": "tests.helpers.fsdp_probe.ValidationProbe",
                     "init_args": {"out": str(probe), "clip_cfg": backbones["clip_cfg"]},
                 },
             ],
@@ -200,7 +200,7 @@ def test_two_ranks_with_one_heldout_record_per_task_score_each_once(tmp_path, ba
         },
         "model": {
             "overrides": {"resolution": 16},
-            "pretrained": {"tokenizer": "words", "t5": None},  # a from-scratch T5, as tests/fsdp_probe.py
+            "pretrained": {"tokenizer": "words", "t5": None},  # a from-scratch T5, as helpers/fsdp_probe.py
             "warmup_steps": 1,
             "eval_num_inference_steps": 2,
             "eval_metrics": backbones_cfg(backbones),

@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from mige_lightning.synthetic import generate
 from mige_world.describe import (
     caption,
     heldout_scene_keys,
@@ -21,6 +20,7 @@ from mige_world.describe import (
     training_scenes,
     worded,
 )
+from mige_world.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "mige_world" / "pretrained"
@@ -193,10 +193,13 @@ def test_stages_are_deterministic_and_load_into_mige(small_world, tmp_path):
     provenance = json.loads((tmp_path / "a" / "provenance.json").read_text())
     assert provenance["command"].startswith("python -m mige_lightning pretrain-world --config")
 
-    # up to date: nothing is re-made (the records and weights keep their times)
+    # up to date: nothing is re-made (the records, weights and provenance keep their times: the
+    # provenance stays that of the run that made them)
     stamp = (tmp_path / "a" / "dit" / "pretraining.json").stat().st_mtime_ns
+    made = (tmp_path / "a" / "provenance.json").read_text()
     run_pretrain_world(tmp_path, small_world, "a")
     assert (tmp_path / "a" / "dit" / "pretraining.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "a" / "provenance.json").read_text() == made
     # the DiT, aligned to the bridge's vision tower (the default), is recorded against that bridge;
     # without the alignment it is made again, and recorded against the T5 alone
     from mige_world.pretrain import component_hash
@@ -334,3 +337,41 @@ def test_shipped_world_matches_its_provenance():
     check_components(
         {k: str(REPO / pretrained[k]) for k in ("t5", "blip2", "dit")}, demo["data"]["synthetic"]
     )
+
+
+def test_dit_stage_weight_averaging_and_cosine_rate_are_options_recorded_only_when_used():
+    """``--dit-ema`` / ``--dit-lr-schedule``: Lightning's EMA callback on the stage's Trainer and a
+    half-cosine rate that reaches 0 at the last step; left off (the default) they are not in the
+    recorded recipe, so components made before the options existed stay up to date."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from mige_cli.pretrain_world import build_parser
+    from mige_world.pretrain import recipe, trainer
+    from mige_world.stages import warmup_schedule
+
+    off = build_parser().parse_args([])
+    assert "dit_ema" not in recipe(off, "dit") and "dit_lr_schedule" not in recipe(off, "dit")
+    on = build_parser().parse_args(["--dit-ema", "0.999", "--dit-lr-schedule", "cosine"])
+    assert recipe(on, "dit")["dit_ema"] == 0.999 and recipe(on, "dit")["dit_lr_schedule"] == "cosine"
+    assert any(
+        isinstance(c, EMAWeightAveraging)
+        for c in trainer("dit", on, steps=4, val_every=4, precision="32-true", ema=0.999).callbacks
+    )
+    assert not any(
+        isinstance(c, EMAWeightAveraging)
+        for c in trainer("dit", off, steps=4, val_every=4, precision="32-true").callbacks
+    )
+
+    rates = {}
+    for name, steps in (("constant", None), ("cosine", 100)):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = warmup_schedule(optimizer, 10, cosine_steps=steps)["lr_scheduler"]["scheduler"]
+        seen = []
+        for _ in range(100):
+            optimizer.step()
+            scheduler.step()
+            seen.append(optimizer.param_groups[0]["lr"])
+        rates[name] = seen
+    assert rates["constant"][-1] == 1.0
+    assert rates["cosine"][9] == pytest.approx(1.0) and rates["cosine"][54] == pytest.approx(0.5, abs=0.02)
+    assert rates["cosine"][-1] == pytest.approx(0.0, abs=1e-6)

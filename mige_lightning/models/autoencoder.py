@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from mige_lightning.models.loading import resolve_source
+from mige_lightning.sources import resolve_source
 
 
 class _Frozen(nn.Module):

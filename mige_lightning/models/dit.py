@@ -1,7 +1,8 @@
 """The conditional DiT: diffusers' PixArt-α transformer with the conditional input on its channels.
 
 Input channels = noisy latent ⊕ conditional input (source latent or zeros); output channels =
-ε ⊕ learned-variance interpolation (PixArt's learned sigma). A 4-channel pretrained PixArt is
+the prediction (ε, v or x₀: the run's ``prediction_type``; PixArt's is ε) ⊕ learned-variance
+interpolation (PixArt's learned sigma). A 4-channel pretrained PixArt is
 widened by ``widen_patch_embedding``: its weights go to the first channels, the new ones start at
 zero, so the widened model computes exactly what the pretrained one did while the conditional
 input is zero.
@@ -15,7 +16,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 from torch import nn
 
-from mige_lightning.models.loading import resolve_source
+from mige_lightning.sources import resolve_source
 
 
 def build_dit(

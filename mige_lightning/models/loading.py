@@ -7,7 +7,6 @@ to a temporary directory and loading them back, so the hub path and the local pa
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from mige_lightning.checkpoint_files import (
     open_safetensors,
     refuse_nonfinite,
 )
+from mige_lightning.sources import resolve_source
 
 BYTE_TOKENIZER = "byte"  # a tokenizer built in code (tiny preset, offline demo)
 WORD_TOKENIZER = "words"  # a word-level tokenizer built in code over BASIC_WORDS (the CPU demo)
@@ -45,7 +45,6 @@ BASIC_WORDS = (
     "red green blue yellow white gray grey black pink orange purple brown "
     "circle square triangle shape sprite"
 ).split()
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 @dataclass
@@ -83,20 +82,6 @@ class PretrainedSources:
                 ) from err
         if self.null_embedding is not None and not Path(self.null_embedding).expanduser().is_file():
             raise FileNotFoundError(f"{key}.null_embedding: file '{self.null_embedding}' does not exist")
-
-
-def resolve_source(source: str, *, key: str) -> str:
-    """Return an existing local directory, or ``source`` unchanged when it is a hub id.
-
-    A string that can only be a path (absolute, ``./``, ``~``, more than one ``/``) and does not
-    exist is an error naming the config key, instead of a confusing hub lookup failure later.
-    """
-    path = Path(source).expanduser()
-    if path.exists():
-        return str(path)
-    if source.startswith((".", "/", "~")) or "\\" in source or not _HUB_ID_RE.match(source):
-        raise FileNotFoundError(f"{key}: local pretrained path '{source}' does not exist")
-    return source
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -33,9 +33,9 @@ from mige_lightning.models.loading import (
     load_blip2_parts,
     load_tensor_file,
     load_tokenizer,
-    resolve_source,
 )
 from mige_lightning.models.presets import MIN_VISION_INIT_RANGE, VISION_INIT_RANGE, MIGEConfig
+from mige_lightning.sources import resolve_source
 
 
 class MIGE(nn.Module):
@@ -202,7 +202,8 @@ class MIGE(nn.Module):
         cond_mask: torch.Tensor,
         cond_input: torch.Tensor,
     ) -> torch.Tensor:
-        """noisy, cond_input: [B, C, h, w]; timestep: [B] → ε ⊕ variance values [B, 2C, h, w]."""
+        """noisy, cond_input: [B, C, h, w]; timestep: [B] → the prediction (ε, v or x₀, as the run's
+        ``prediction_type``) ⊕ variance values [B, 2C, h, w]."""
         hidden = torch.cat([noisy, cond_input], dim=1)  # [B, 2C, h, w]
         return self.dit(
             hidden,
@@ -311,6 +312,8 @@ def _build(
         qformer_kwargs = {"encoder_hidden_size": vision.config.hidden_size, **config.qformer}
         qformer = Blip2QFormerModel(Blip2QFormerConfig(**qformer_kwargs))
         num_queries = config.num_query_tokens
+    if config.vision_norm_eps is not None:  # the final LayerNorm only (BLIP-2's ln_vision)
+        vision.post_layernorm.eps = float(config.vision_norm_eps)
 
     # 3. frozen autoencoder, then the DiT whose channels and sample size follow from it
     if autoencoder is None:

@@ -32,6 +32,7 @@ AUTHORS_BEHAVIOUR: dict[str, Any] = {
     "fusion_query_bias": False,
     "null_condition_length": "prompt",
     "train_vision_norm": True,
+    "vision_norm_eps": 1e-5,
 }
 
 
@@ -62,11 +63,21 @@ class MIGEConfig:
     fusion_init: str = "authors"
     null_condition_length: str = "full"  # "full" rows, or "prompt": the first L rows, L = the prompt's length
     train_vision_norm: bool = False  # the ViT's final LayerNorm trains with the rest; authors: yes
+    # eps of that LayerNorm: None keeps the vision config's (transformers' BLIP-2: 1e-6); the authors'
+    # (BLIP-2's ln_vision, a torch LayerNorm with its default): 1e-5
+    vision_norm_eps: float | None = None
     # T5 trains with the rest (paper §3.3); false keeps a pretrained text encoder as loaded
     train_text_encoder: bool = True
     pretrained: PretrainedSources = field(default_factory=PretrainedSources)
 
     def __post_init__(self) -> None:
+        if self.vision_norm_eps is not None:  # YAML 1.1 reads 1e-05 (JSON's spelling) as a string
+            try:
+                self.vision_norm_eps = float(self.vision_norm_eps)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"model.overrides.vision_norm_eps: {self.vision_norm_eps!r}; a number (e.g. 1e-5) or null"
+                ) from None
         if self.null_condition_length not in NULL_CONDITION_LENGTHS:
             raise ValueError(
                 f"model.overrides.null_condition_length: {self.null_condition_length!r}; "

@@ -23,8 +23,8 @@ from torch.distributed.tensor import DTensor, Shard
 from transformers.utils import cached_file
 
 from mige_lightning.checkpoint_files import dtype_problem, nonfinite_count, open_safetensors
-from mige_lightning.models.loading import resolve_source
 from mige_lightning.models.weights import EXPORT_PREFIX, tied_names, weights_file
+from mige_lightning.sources import resolve_source
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Helpers for the FSDP / SLURM tests (not a test module): the environment and config overlay for
+"""Helpers for the FSDP / SLURM tests: the environment and config overlay for
 ``python -m mige_lightning fit`` subprocesses, and a probe callback those runs carry.
 
 ``Probe``: rank 0 writes ``<out>/start.pt`` (the gathered weights at fit start, and the eager
@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from callbacks.ema import EMA
 from mige_lightning.models import build_mige
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # tiny preset with its KL autoencoder (frozen, replicated under FSDP) at 16 px, fp32 for exact checks
 BASE_ARGS = [
     "--config",
@@ -85,7 +85,10 @@ def write_overlay(
                     "init_args": {"save_last": True, "every_n_train_steps": every, "save_top_k": -1},
                 },
                 {"class_path": "callbacks.ema.EMA", "init_args": {"decay": 0.9}},
-                {"class_path": "tests.fsdp_probe.Probe", "init_args": {"out": str(probe), "sample": sample}},
+                {
+                    "class_path": "tests.helpers.fsdp_probe.Probe",
+                    "init_args": {"out": str(probe), "sample": sample},
+                },
             ],
             **trainer,
         },
@@ -199,7 +202,7 @@ class ValidationProbe(L.Callback):
     """After the validation epoch: each rank's own count of scored records per
     task (its L1 metric's local state; ``compute`` syncs only a copy) and the values logged.
     ``clip_cfg``: a folder of open_clip model configs to register in this process (the tiny saved
-    CLIP of ``tests/metric_backbones.py``), before the validation callback builds its metrics."""
+    CLIP of ``tests/helpers/metric_backbones.py``), before the validation callback builds its metrics."""
 
     def __init__(self, out: str, clip_cfg: str | None = None):
         self.out = Path(out)

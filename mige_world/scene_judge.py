@@ -1,6 +1,6 @@
 """Reads a generated image of the synthetic world back into a scene and scores it against the truth.
 
-The synthetic world (``mige_lightning/synthetic.py``) knows the scene every target was rendered
+The synthetic world (``mige_world/synthetic.py``) knows the scene every target was rendered
 from; this module reads an image — the model's output, or any image — back from pixels:
 
 - the background colour: the median of the rows no sprite ever reaches, nearest of the four
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,9 @@ import PIL.Image
 import torch
 from torchmetrics import Metric
 
-from mige_lightning.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Sprite, render
+from mige_lightning.evaluation import BASELINE
+from mige_lightning.images import load_rgb
+from mige_world.synthetic import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Sprite, render
 
 KIND_TASK = {
     "subject": "subject",
@@ -207,7 +210,7 @@ def world_size(root: str | Path) -> int:
 
 def load_truth(root: str | Path, split: str = "heldout") -> dict[str, JudgedSample]:
     """``{request id: sample}`` for one split of a generated world (ids as in its request file)."""
-    from mige_lightning.synthetic import TASK_FILES
+    from mige_world.synthetic import TASK_FILES
 
     root = Path(root)
     out = {}
@@ -283,15 +286,69 @@ class SceneAccuracy(Metric):
         }
 
 
-def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: one row per setting (e.g. model, baseline), columns per task group."""
-    groups = list(dict.fromkeys(g for r in rows.values() for g in r))
-    head = "| | " + " | ".join(f"{g} scene / element (n)" for g in groups) + " |"
-    lines = [head, "|---|" + "---|" * len(groups)]
-    for label, r in rows.items():
-        cells = [
-            f"{r[g]['scene_acc']:.2f} / {r[g]['element_acc']:.2f} ({r[g]['n']})" if g in r else "—"
-            for g in groups
+class SceneJudge(torch.nn.Module):
+    """The one place outputs of the synthetic world are judged, by the target they were asked to
+    match: the model's outputs and the copy-the-input baseline (``JudgedSample.input_image``),
+    per task and kind, synced across ranks. The world's data modules hand it to the framework
+    (``output_judge()``): validation, ``test`` on the world and ``judge-synthetic`` score through
+    it. ``SceneJudge(root, split)`` judges that split of a generated world."""
+
+    def __init__(self, root: str | Path, split: str = "heldout"):
+        super().__init__()
+        self.root, self.split = str(root), split
+        self.truth = {str(s.target): s for s in load_truth(root, split).values()}
+        size = world_size(root)
+        self.model = SceneAccuracy(size=size)
+        self.baseline = SceneAccuracy(size=size)
+
+    def sample(self, target: str | Path) -> JudgedSample:
+        try:
+            return self.truth[str(target)]
+        except KeyError:
+            raise KeyError(
+                f"{target}: not a target of the {self.split} split of the world at {self.root}"
+            ) from None
+
+    def input_image(self, target: str | Path) -> PIL.Image.Image:
+        """What the copy-the-input baseline outputs for this target."""
+        return load_rgb(self.sample(target).input_image)
+
+    def update(
+        self, outputs: list[PIL.Image.Image], targets: list[str | Path], *, baseline: bool = True
+    ) -> list[dict]:
+        """Judge a batch → one row per output (``kind``, ``scene_correct``, ``element_acc``,
+        ``wrong``, and with ``baseline`` the baseline's ``baseline_scene_correct``,
+        ``baseline_element_acc``)."""
+        samples = [self.sample(t) for t in targets]
+        scenes, kinds = [s.scene for s in samples], [s.kind for s in samples]
+        self.model.update(outputs, scenes, kinds)
+        rows = [
+            {
+                "kind": s.kind,
+                "scene_correct": int(v.scene_correct),
+                "element_acc": round(v.element_accuracy, 4),
+                "wrong": " ".join(v.wrong),
+            }
+            for s, v in zip(samples, self.model.last, strict=True)
         ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        if baseline:
+            self.baseline.update([load_rgb(s.input_image) for s in samples], scenes, kinds)
+            for row, b in zip(rows, self.baseline.last, strict=True):
+                row["baseline_scene_correct"] = int(b.scene_correct)
+                row["baseline_element_acc"] = round(b.element_accuracy, 4)
+        return rows
+
+    def compute(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{"model": groups, BASELINE: groups}`` (``SceneAccuracy.compute``'s groups: per task
+        and ``task/kind``; the baseline left out when it judged nothing)."""
+        with warnings.catch_warnings():  # a rank (or a run's baseline) with no update still syncs
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update``")
+            out = {"model": self.model.compute()}
+            baseline = self.baseline.compute()
+        if baseline:
+            out[BASELINE] = baseline
+        return out
+
+    def reset(self) -> None:
+        self.model.reset()
+        self.baseline.reset()

@@ -37,6 +37,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"left": 1 / 6, "center": 1 / 2, "right": 5 / 6}  # slot centres, fraction of the width
 SIZES = {"small": 0.09, "large": 0.15}  # half-extent, fraction of the width (slots never overlap)
 REFERENCE_BACKGROUND = (255, 255, 255)
+DEFAULT_WORLD_ROOT = "data/demo"  # where a world is generated when its config names no root
 TASK_FILES = {"subject": "subject.json", "edit": "edit.json", "subject_edit": "subject_edit.json"}
 KINDS = ("subject", "edit", "add", "replace")
 SLOT_ORDER = tuple(POSITIONS)  # left, center, right
@@ -142,7 +143,7 @@ class _World:
 
     @staticmethod
     def truth(sprites, bg: str, kind: str, *, source: tuple[list, str] | None = None) -> dict:
-        """What the target (and the source) show, for the pixel judge (``mige_lightning/scene_judge.py``)."""
+        """What the target (and the source) show, for the pixel judge (``mige_world/scene_judge.py``)."""
 
         def scene(sprites, bg):
             return {

@@ -1,6 +1,6 @@
-"""Helpers for ``tests/test_streaming.py`` (not a test module).
+"""Helpers for ``tests/test_streaming.py``.
 
-``python -m tests.streaming_helpers``: a local S3-compatible server (moto's, in memory) on
+``python -m tests.helpers.streaming``: a local S3-compatible server (moto's, in memory) on
 127.0.0.1 with a port the OS chooses; prints the port, serves until its stdin closes. The tests
 run it as a subprocess, so no server thread is ever forked into a loader worker.
 
