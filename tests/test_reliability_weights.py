@@ -200,6 +200,9 @@ def _sharded_worker(rank: int, port: int, weights: str, out: str) -> None:
         result = str(err)
     finally:
         Path(out, f"rank{rank}.txt").write_text(result)
+        # both ranks stop at the same check; tear the group down together (one rank destroying it
+        # while the other's gloo thread still talks aborted the process once: SIGABRT at exit)
+        dist.barrier()
         dist.destroy_process_group()
 
 
