@@ -109,9 +109,10 @@ class ValidationMetrics(L.Callback):
         self._update(self.metrics[task], images, targets, sources, captions)
         with_baseline = self._with_baseline(trainer)
         if self.judge is not None:
-            self.judge.update(images, [row.record.target for row, _ in rows], baseline=with_baseline)
+            target_paths = [row.record.target for row, _ in rows]
+            inputs = [self.judge.input_image(t) for t in target_paths] if with_baseline else None
+            self.judge.update(images, target_paths, baselines=inputs)
             if with_baseline:
-                inputs = [self.judge.input_image(row.record.target) for row, _ in rows]
                 self._update(self.baseline[task], inputs, targets, sources, captions)
         shown = self._rows.setdefault(task, [])
         if trainer.is_global_zero and len(shown) < self.grid_rows:

@@ -356,22 +356,20 @@ def read_synthetic(root: str | Path, *, split: str = "heldout", limit: int | Non
     if not (root / "world.json").is_file():
         raise ManifestError(f"{root}: not a generated synthetic world (no world.json)")
     size = world_size(root)
-    items, per_task = [], {}
-    for key, s in load_truth(root, split).items():
-        number = per_task[s.task] = per_task.get(s.task, -1) + 1  # its position among its task's
-        items.append(
-            EvalItem(
-                id=key,
-                task=Task.parse(s.task),
-                instruction=s.instruction,
-                references=tuple(str(p) for p in s.references),
-                source=str(s.source) if s.source else None,
-                reference=str(s.target),
-                baseline=str(s.input_image),  # subject: the first reference; the target is `reference`
-                number=number,
-                meta={"kind": s.kind, "size": size},
-            )
+    items = [
+        EvalItem(
+            id=key,
+            task=Task.parse(s.task),
+            instruction=s.instruction,
+            references=tuple(str(p) for p in s.references),
+            source=str(s.source) if s.source else None,
+            reference=str(s.target),
+            baseline=str(s.input_image),  # subject: the first reference; the target is `reference`
+            number=s.number,  # its position among its task's
+            meta={"kind": s.kind, "size": size},
         )
+        for key, s in load_truth(root, split).items()
+    ]
     return items[:limit] if limit else items
 
 

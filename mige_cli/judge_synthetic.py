@@ -98,7 +98,9 @@ def judge_predictions(
     samples = [truth[e["id"]] for e in entries]
     outputs = [load_rgb(predictions / e["file"]) for e in entries]
     judge = SceneJudge(world, "heldout")
-    verdicts = judge.update(outputs, [s.target for s in samples])
+    verdicts = judge.update(
+        outputs, [s.target for s in samples], baselines=[load_rgb(s.input_image) for s in samples]
+    )
     rows = [
         {"id": e["id"], "task": s.task, "kind": s.kind, "instruction": s.instruction, **verdict}
         for e, s, verdict in zip(entries, samples, verdicts, strict=True)
@@ -132,10 +134,9 @@ def heldout_requests(world: str | Path, *, split: str = "heldout", per_task: int
     """A split's samples as generation requests (ids as in ``heldout_requests.jsonl``, numbered
     within their task: the same seeds as validation, ``test`` and ``predict`` give them) →
     ``[(JudgedSample, GenerationRequest)]``; the first ``per_task`` of each task, or all."""
-    out, counts = [], {}
+    out = []
     for rid, sample in load_truth(world, split).items():
-        number = counts[sample.task] = counts.get(sample.task, -1) + 1
-        if per_task is not None and number >= per_task:
+        if per_task is not None and sample.number >= per_task:
             continue
         request = GenerationRequest(
             id=rid,
@@ -143,7 +144,7 @@ def heldout_requests(world: str | Path, *, split: str = "heldout", per_task: int
             instruction=sample.instruction,
             references=tuple(load_rgb(p) for p in sample.references),
             source=load_rgb(sample.source) if sample.source else None,
-            number=number,
+            number=sample.number,
             origin=str(sample.target),
         )
         out.append((sample, request))
@@ -166,7 +167,11 @@ def judge_module(
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
         generated = module.generate(pipe, [r for _, r in part], eval_steps=True)
-        judge.update([g.image for g in generated], [s.target for s, _ in part])
+        judge.update(
+            [g.image for g in generated],
+            [s.target for s, _ in part],
+            baselines=[load_rgb(s.input_image) for s, _ in part],
+        )
     table = judge.compute()
     return {"model": table["model"], "baseline": table[BASELINE]}
 

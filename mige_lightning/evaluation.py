@@ -148,11 +148,11 @@ class BenchmarkEvaluator(nn.Module):
         self.crop = resolve_crop_fn(crop_fn)
         self.judge = judge  # update(outputs, targets) → rows; compute() → {label: groups}
 
-    def _judge(self, outputs, items) -> dict[str, list]:
+    def _judge(self, outputs, items, baselines) -> dict[str, list]:
         """The data's judge, where it has one: per-sample columns, by each item's reference."""
         if self.judge is None:
             return {}
-        verdicts = self.judge.update(outputs, [it.reference for it in items])
+        verdicts = self.judge.update(outputs, [it.reference for it in items], baselines=baselines)
         return {k: [v[k] for v in verdicts] for k in verdicts[0]} if verdicts else {}
 
     def _score(self, metrics: nn.ModuleDict, outputs, items, images) -> dict[str, list[float]]:
@@ -212,7 +212,7 @@ class BenchmarkEvaluator(nn.Module):
                     self.extra_metrics[name].update(crops, [images[i]["subject"] for i in subj])
                     for j, i in enumerate(subj):
                         extra_rows[name][i] = self.extra_metrics[name].last[j].item()
-        judge_rows = self._judge(outputs, items)
+        judge_rows = self._judge(outputs, items, baselines)
         rows = []
         for i, item in enumerate(items):
             row = {"id": item.id, "task": item.task.value, "instruction": item.instruction}

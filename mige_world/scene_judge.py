@@ -190,6 +190,7 @@ class JudgedSample:
     source: Path | None
     references: tuple[Path, ...]
     instruction: str
+    number: int = 0  # its position among the split's samples of its task (its request number)
 
     @property
     def input_image(self) -> Path:
@@ -229,6 +230,7 @@ def load_truth(root: str | Path, split: str = "heldout") -> dict[str, JudgedSamp
                 source=root / rec["source_path"][0] if rec["source_path"] else None,
                 references=tuple(root / p for p in rec["entity_path"]),
                 instruction=rec["multi_prompt"],
+                number=i,
             )
     return out
 
@@ -314,11 +316,15 @@ class SceneJudge(torch.nn.Module):
         return load_rgb(self.sample(target).input_image)
 
     def update(
-        self, outputs: list[PIL.Image.Image], targets: list[str | Path], *, baseline: bool = True
+        self,
+        outputs: list[PIL.Image.Image],
+        targets: list[str | Path],
+        *,
+        baselines: list[PIL.Image.Image] | None = None,
     ) -> list[dict]:
         """Judge a batch → one row per output (``kind``, ``scene_correct``, ``element_acc``,
-        ``wrong``, and with ``baseline`` the baseline's ``baseline_scene_correct``,
-        ``baseline_element_acc``)."""
+        ``wrong``); with ``baselines`` (what copy-the-input outputs for each target,
+        ``input_image``) the baseline's ``baseline_scene_correct``, ``baseline_element_acc``."""
         samples = [self.sample(t) for t in targets]
         scenes, kinds = [s.scene for s in samples], [s.kind for s in samples]
         self.model.update(outputs, scenes, kinds)
@@ -331,8 +337,8 @@ class SceneJudge(torch.nn.Module):
             }
             for s, v in zip(samples, self.model.last, strict=True)
         ]
-        if baseline:
-            self.baseline.update([load_rgb(s.input_image) for s in samples], scenes, kinds)
+        if baselines is not None:
+            self.baseline.update(baselines, scenes, kinds)
             for row, b in zip(rows, self.baseline.last, strict=True):
                 row["baseline_scene_correct"] = int(b.scene_correct)
                 row["baseline_element_acc"] = round(b.element_accuracy, 4)
